@@ -80,12 +80,22 @@ class Method:
     def after_step(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
         pass
 
+    def metrics(self) -> dict[str, float]:
+        """Scalars worth logging during training (current total rank, budget b(t), …)."""
+        return {}
+
     # -- resume --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict, model: nn.Module, optimizer=None, scheduler=None) -> None:
-        """Restore allocator state; growing methods rebuild their structure here first."""
+        """Restore allocator state on resume.
+
+        Called after ``inject`` and after the optimizer and scheduler were built, *before*
+        the checkpoint's model, optimizer and scheduler states are loaded: a growing method
+        re-creates its grown parameters and param groups here, in the original order, so that
+        those states fit.
+        """
 
     # -- accounting ----------------------------------------------------------------------
     def ranks(self, model: nn.Module) -> dict[str, int]:
