@@ -1,0 +1,64 @@
+"""Shared fixtures: the real data folder (../shared/data in CI), config composition, tiny runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def _shared_data() -> Path | None:
+    for candidate in (os.environ.get("TRIADAPT_TEST_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "glue").is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+SHARED_DATA = _shared_data()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if SHARED_DATA is None:
+        pytest.skip("real data folder (../shared/data) not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def glue_dir(shared_data) -> Path:
+    return shared_data / "glue"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_glue_dir(tmp_path) -> Path:
+    """A small MRPC/STS-B/CoLA folder in the GLUE TSV layout, made by hand (no real data needed)."""
+    root = tmp_path / "glue"
+    (root / "MRPC").mkdir(parents=True)
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    words = ["the cat sat", "a dog ran", "stocks fell sharply", "he said so", "rain is coming", "it was late"]
+    rows = [f"{i % 2}\t{i}\t{i + 100}\t{words[i % 6]} today\t{words[(i * 5) % 6]} now\n" for i in range(64)]
+    for split in ("train", "dev"):
+        (root / "MRPC" / f"{split}.tsv").write_text(header + "".join(rows), encoding="utf-8")
+    (root / "STS-B").mkdir()
+    sts_header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    sts = [f"{i}\tg\tf\ty\t{i}\ts\ts\t{words[i % 6]}\t{words[(i + 1) % 6]}\t{(i % 6) * 1.0:.3f}\n" for i in range(48)]
+    for split in ("train", "dev"):
+        (root / "STS-B" / f"{split}.tsv").write_text(sts_header + "".join(sts), encoding="utf-8")
+    return root

@@ -1,0 +1,234 @@
+"""One run: wire model + data + method + loop + tracking, and write ``result.json``.
+
+``result.json`` is the only input the report needs. It is written atomically: first with
+``status: running`` when the run starts, then ``completed`` / ``failed`` / ``interrupted``.
+A run directory whose result says ``completed`` is skipped, so re-running a sweep resumes
+it; a directory holding a checkpoint is resumed (``resume=auto``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from triadapt.data import build_task
+from triadapt.errors import ConfigError, TriadaptError
+from triadapt.methods import RunContext, build_method
+from triadapt.models import head_parameters, load_model, load_tokenizer
+from triadapt.schedules import GroupedLinearSchedule
+from triadapt.tracking import RESULT_FILE, Tracker, atomic_write_json, git_sha, package_versions, read_result
+from triadapt.train import Interrupted, Trainer, latest_checkpoint, seed_everything, total_steps_for
+
+log = logging.getLogger("triadapt")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    explicit = cfg.paths.get("run_dir")
+    if explicit:
+        return Path(explicit)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # Hydra not initialised (API use, tests)
+        return False
+
+
+def _essentials(cfg: DictConfig, run_dir: Path) -> dict:
+    return {
+        "run_dir": str(run_dir),
+        "experiment": cfg.get("experiment_name"),
+        "task": cfg.task.name,
+        "task_group": cfg.task.group,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "seed": int(cfg.seed),
+        "budget_name": cfg.budget.name,
+        "main_metric": cfg.task.main_metric,
+    }
+
+
+def _validate_train(cfg: DictConfig) -> None:
+    t = cfg.train
+    if not t.lr or float(t.lr) <= 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0")
+    if int(t.eval_batch_size) <= 0:
+        raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} must be > 0")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision={t.precision!r}; choose auto, fp32 or bf16")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run one job; return the best value of the task's main metric (Hydra's objective)."""
+    run_dir = run_dir_of(cfg)
+    previous = read_result(run_dir)
+    if previous and previous.get("status") == "completed":
+        log.info("%s already completed; skipping (delete it to re-run)", run_dir)
+        return (previous.get("metrics") or {}).get("best", {}).get(previous.get("main_metric"))
+    checkpoint = latest_checkpoint(run_dir)
+    resume = cfg.get("resume", "auto")
+    if resume is True and checkpoint is None:
+        raise ConfigError(f"resume=true but {run_dir} holds no checkpoint")
+    if resume is False and checkpoint is not None:
+        raise ConfigError(f"{run_dir} holds a checkpoint; pass resume=true to continue it or choose another run dir")
+    if resume is False and previous is not None:
+        raise ConfigError(f"{run_dir} already holds a {previous.get('status')} run; choose another run dir")
+
+    essentials = _essentials(cfg, run_dir)
+    base = essentials | {"status": "running", "error": None, "versions": package_versions(), "git_sha": git_sha()}
+    base["config"] = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_json(run_dir / RESULT_FILE, base)
+    tracker = None
+    try:
+        tracker = Tracker(cfg.logger, run_dir, base["config"], name=f"{cfg.experiment_name}-seed{cfg.seed}")
+        result = _train(cfg, run_dir, checkpoint, tracker)
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed"
+        atomic_write_json(
+            run_dir / RESULT_FILE, base | {"status": status, "error": {"type": type(e).__name__, "message": str(e)}}
+        )
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    atomic_write_json(run_dir / RESULT_FILE, base | result | {"status": "completed"})
+    tracker.finish()
+    return result["metrics"]["best"][cfg.task.main_metric]
+
+
+def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker) -> dict:
+    _validate_train(cfg)
+    seed_everything(int(cfg.seed), bool(cfg.train.get("deterministic", True)))
+    device = _device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model)
+    task = build_task(cfg.task, cfg.data, tokenizer, int(cfg.seed))
+    total_steps, steps_per_epoch = total_steps_for(len(task.train), cfg.train)
+    warmup = (
+        math.ceil(float(cfg.train.warmup_ratio) * total_steps)
+        if cfg.train.get("warmup_ratio") is not None
+        else int(cfg.train.warmup_steps or 0)
+    )
+    ctx = RunContext(
+        total_steps=total_steps,
+        target_modules=list(cfg.model.target_modules),
+        learning_rate=float(cfg.train.lr),
+        weight_decay=float(cfg.train.weight_decay),
+        warmup_steps=warmup,
+        seed=int(cfg.seed),
+    )
+    method = build_method(cfg.method, ctx)
+    model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"))
+    groups = method.inject(model)
+    head = head_parameters(model, list(cfg.model.head_modules))
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    for p in head.values():
+        p.requires_grad_(True)
+    head_group = [p for p in head.values() if id(p) not in in_groups]
+    if head_group:
+        groups.append({"params": head_group, "weight_decay": ctx.weight_decay})
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        groups, lr=ctx.learning_rate, betas=tuple(cfg.train.adam_betas), eps=float(cfg.train.adam_eps)
+    )
+    scheduler = GroupedLinearSchedule(optimizer, warmup, total_steps)
+    trainer = Trainer(
+        model=model,
+        method=method,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_cfg=cfg.train,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        main_metric=cfg.task.main_metric,
+        device=device,
+        run_dir=run_dir,
+        seed=int(cfg.seed),
+        log=tracker.log,
+        group_by_length=bool(cfg.data.get("group_by_length")),
+    )
+    log.info(
+        "%s | %s | %s: %d train features, %d steps (%d/epoch), %d adapter + %d head params, data %s",
+        cfg.task.name, cfg.method.name, cfg.model.name, len(task.train), total_steps, steps_per_epoch,
+        method.adapter_params(model), sum(p.numel() for p in head.values()), task.info.get("source"),
+    )
+    summary = trainer.fit(resume_from=checkpoint)
+    report = method.report(model)
+    outputs = _write_rank_outputs(run_dir, report, list(cfg.model.target_modules), tracker, summary["steps"])
+    return {
+        "metrics": {"final": summary["final"], "best": summary["best"], "best_step": summary["best_step"]},
+        "budget": {
+            "target_rank": report["target_rank"],
+            "adapter_params": report["adapter_params"],
+            "head_params": sum(p.numel() for p in head.values()),
+            "ranks": report["ranks"],
+        }
+        | {k: v for k, v in report.items() if k not in ("target_rank", "adapter_params", "ranks", "history")},
+        "timing": {
+            "train_s": summary["train_s"],
+            "steps": summary["steps"],
+            "step_s_median": summary["step_s_median"],
+            "hook_s": summary["hook_s"],
+            "peak_mem_mb": summary["peak_mem_mb"],
+            "wall_s": None,
+        },
+        "data": task.info,
+        **outputs,
+    }
+
+
+def _write_rank_outputs(run_dir: Path, report: dict, patterns: list[str], tracker: Tracker, step: int) -> dict:
+    """rank_history.json and a heatmap of final ranks, for methods that allocate ranks."""
+    if not report.get("history"):
+        return {}
+    atomic_write_json(run_dir / "rank_history.json", report["history"])
+    from triadapt.report import rank_heatmap
+
+    fig = rank_heatmap(report["ranks"])
+    path = run_dir / "rank_heatmap.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    tracker.log_image("rank_heatmap", path, step)
+    return {"rank_history": "rank_history.json", "rank_heatmap": "rank_heatmap.png"}
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry point for run.py: one-line errors, non-zero exit, sweeps continue past failures."""
+    started = time.time()
+    try:
+        return run(cfg)
+    except TriadaptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if cfg.get("debug"):
+            raise
+        if _is_multirun():
+            return None
+        sys.exit(130 if isinstance(e, Interrupted) else 2)
+    except Exception:
+        if _is_multirun():
+            # One broken job must not stop the sweep; its result.json says failed.
+            traceback.print_exc()
+            return None
+        raise
+    finally:
+        log.info("wall time %.1fs", time.time() - started)

@@ -1,0 +1,147 @@
+"""Run outputs: atomic file writes, ``result.json``, ``metrics.jsonl`` and W&B.
+
+Every file is written to a temporary sibling and moved into place with ``os.replace``,
+so a kill at any moment leaves either the old or the new complete file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to ``path``; on success move it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_result(run_dir: str | Path) -> dict | None:
+    """The run's result.json, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_metrics_log(run_dir: str | Path, records: list[dict]) -> None:
+    """Rewrite metrics.jsonl whole (it is small), so no half line survives a kill."""
+    atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+
+_PACKAGES = ("torch", "transformers", "datasets", "peft", "hydra-core", "numpy", "triadapt")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_sha() -> str | None:
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Tracker:
+    """W&B when configured, otherwise nothing. W&B failing to start falls back to offline."""
+
+    def __init__(self, logger_cfg, run_dir: Path, config: dict, name: str) -> None:
+        self.run = None
+        if logger_cfg.name != "wandb" or logger_cfg.get("mode") == "disabled":
+            return
+        import wandb
+
+        kwargs = dict(
+            project=logger_cfg.project,
+            entity=logger_cfg.get("entity"),
+            group=logger_cfg.get("group"),
+            tags=list(logger_cfg.get("tags") or []),
+            name=name,
+            job_type="train",
+            config=config,
+            dir=str(run_dir),
+            reinit="finish_previous",
+        )
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            self.run = wandb.init(mode=logger_cfg.mode, **kwargs)
+        except Exception as e:  # no API key, no network, bad entity …
+            if logger_cfg.mode == "offline":
+                warnings.warn(f"W&B failed to start ({type(e).__name__}: {e}); logging disabled", stacklevel=2)
+                return
+            warnings.warn(f"W&B failed to start online ({type(e).__name__}); falling back to offline", stacklevel=2)
+            try:
+                self.run = wandb.init(mode="offline", **kwargs)
+            except Exception as e2:
+                warnings.warn(f"W&B offline also failed ({type(e2).__name__}); logging disabled", stacklevel=2)
+                return
+        for key in ("eval/*",):
+            self.run.define_metric(key, summary="max")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None

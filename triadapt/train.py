@@ -1,0 +1,331 @@
+"""The training loop: explicit, method-agnostic, resumable.
+
+Per optimizer step (``step`` counts the steps already taken, 0-based)::
+
+    forward → task loss (+ method.extra_loss) → backward → clip
+    → method.before_step → optimizer.step → scheduler.step → method.after_step → zero_grad
+
+Evaluation runs every ``train.eval_every`` steps (or once per epoch) and at the end; the
+best evaluation by the task's main metric is tracked. Checkpoints hold everything needed
+to continue bit-identically: weights, optimizer (grown groups included), per-group LR
+schedules, the method's allocator state, RNG states and the data position (batches are a
+pure function of seed and epoch, so the step number is the data position).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from triadapt.data import TaskData
+from triadapt.errors import TrainingDiverged, TriadaptError
+from triadapt.methods.base import Method
+from triadapt.schedules import GroupedLinearSchedule
+from triadapt.tracking import atomic_path, write_metrics_log
+
+CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger("triadapt")
+
+
+class Interrupted(TriadaptError):
+    """SIGTERM/SIGINT: a checkpoint was written, the run can be resumed."""
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """The batches of one epoch: a seeded shuffle, optionally grouped by length.
+
+    Length grouping sorts each mega-batch of 50 batches by length (longest first) so that
+    batches hold similar lengths and dynamic padding wastes little, while the epoch still
+    visits every example once in a shuffled order.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if lengths:
+        mega = batch_size * 50
+        perm = [i for s in range(0, n, mega) for i in sorted(perm[s : s + mega], key=lambda i: -lengths[i])]
+    batches = [perm[s : s + batch_size] for s in range(0, n, batch_size)]
+    if lengths:
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    evals: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    best_step: int | None = None
+    train_s: float = 0.0
+    hook_s: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        method: Method,
+        task: TaskData,
+        optimizer: torch.optim.Optimizer,
+        scheduler: GroupedLinearSchedule,
+        train_cfg,
+        total_steps: int,
+        steps_per_epoch: int,
+        main_metric: str,
+        device: torch.device,
+        run_dir: Path,
+        seed: int,
+        log: Callable[[dict, int], None] = lambda values, step: None,
+        group_by_length: bool = False,
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.task = task
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.cfg = train_cfg
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.main_metric = main_metric
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.log = log
+        self.lengths = task.train_lengths if group_by_length else None
+        self.state = LoopState()
+        self.eval_every = int(train_cfg.eval_every or steps_per_epoch)
+        self.checkpoint_every = int(train_cfg.get("checkpoint_every") or 0)
+        self.keep_checkpoints = int(train_cfg.get("keep_checkpoints") or 1)
+        self._stop_signal: int | None = None
+        precision = train_cfg.precision
+        self.autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    # -- data ------------------------------------------------------------------------------
+    def _batch(self, step: int) -> dict:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_batches(len(self.task.train), self.cfg.batch_size, self.seed, epoch, self.lengths))
+        idx = self._epoch_cache[1][pos]
+        batch = self.task.collate([self.task.train[i] for i in idx])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _checkpoint_keys(self) -> set[str]:
+        return {
+            n for n, p in self.model.named_parameters() if p.requires_grad or ".lora_" in n or ".core." in n
+        }
+
+    def save_checkpoint(self) -> Path:
+        keys = self._checkpoint_keys()
+        payload = {
+            "step": self.state.step,
+            "model": {k: v for k, v in self.model.state_dict().items() if k in keys},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": rng_state(),
+            "loop": self.state.__dict__,
+        }
+        path = self.run_dir / CHECKPOINT_DIR / f"step-{self.state.step:08d}.pt"
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        for old in sorted(path.parent.glob("step-*.pt"))[: -self.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            payload = torch.load(path, map_location=self.device, weights_only=False)
+            self.method.load_state_dict(payload["method"], self.model, self.optimizer, self.scheduler)
+            missing, unexpected = self.model.load_state_dict(payload["model"], strict=False)
+            if unexpected or (self._checkpoint_keys() - set(payload["model"])):
+                raise ValueError(f"checkpoint does not fit the model (unexpected keys: {unexpected[:3]})")
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+            set_rng_state(payload["rng"])
+            self.state = LoopState(**payload["loop"])
+        except TriadaptError:
+            raise
+        except Exception as e:
+            raise TriadaptError(
+                f"cannot resume from {path} ({type(e).__name__}: {e}); delete the checkpoint or the run dir to start over"
+            ) from None
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, final: bool = False) -> dict:
+        s = self.state
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            metrics = self.task.evaluate(self.model, self.device, int(self.cfg.eval_batch_size), self.run_dir if final else None)
+        record = {"step": s.step, "epoch": round(s.step / self.steps_per_epoch, 4), "metrics": metrics}
+        s.evals.append(record)
+        if s.best is None or metrics[self.main_metric] > s.best[self.main_metric]:
+            s.best, s.best_step = metrics, s.step
+            if self.cfg.get("save_adapter", True):
+                self.save_adapter("adapter_best.safetensors")
+        write_metrics_log(self.run_dir, s.evals)
+        log.info("step %d/%d eval: %s", s.step, self.total_steps, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        self.log({f"eval/{k}": v for k, v in metrics.items()}, s.step)
+        return metrics
+
+    def save_adapter(self, name: str) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.method.adapter_state(self.model).items()}
+        with atomic_path(self.run_dir / name) as tmp:
+            save_file(tensors, str(tmp))
+
+    # -- the loop --------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self, resume_from: Path | None = None) -> dict:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        handlers = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread (e.g. a joblib worker thread)
+            pass
+        try:
+            return self._fit()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def _fit(self) -> dict:
+        s, model = self.state, self.model
+        model.train()
+        clip = float(self.cfg.max_grad_norm or 0)
+        bar = tqdm(total=self.total_steps, initial=s.step, desc="train", dynamic_ncols=True, disable=None)
+        running, running_reg, n_running = 0.0, 0.0, 0
+        postfix: dict[str, str] = {}
+        metrics = s.evals[-1]["metrics"] if s.evals else None
+        while s.step < self.total_steps:
+            batch = self._batch(s.step)
+            t0 = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                task_loss = model(**batch).loss
+                reg = self.method.extra_loss(model)
+            loss = task_loss if reg is None else task_loss + reg
+            if not torch.isfinite(loss):
+                path = self.save_checkpoint()
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {s.step}; last good state saved to {path}. "
+                    "Lower train.lr or check the data"
+                )
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
+            h0 = time.perf_counter()
+            self.method.before_step(s.step, model, self.optimizer, self.scheduler)
+            hook_s = time.perf_counter() - h0
+            self.optimizer.step()
+            self.scheduler.step()
+            h0 = time.perf_counter()
+            self.method.after_step(s.step, model, self.optimizer, self.scheduler)
+            hook_s += time.perf_counter() - h0
+            self.optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            s.step += 1
+            s.train_s += dt
+            s.hook_s += hook_s
+            s.step_times.append(dt)
+            running += task_loss.item()
+            running_reg += 0.0 if reg is None else reg.item()
+            n_running += 1
+            bar.update(1)
+            if s.step % int(self.cfg.log_every) == 0 or s.step == self.total_steps:
+                lr = self.optimizer.param_groups[0]["lr"]
+                values = {"train/loss": running / n_running, "train/lr": lr, "train/epoch": s.step / self.steps_per_epoch}
+                if reg is not None:
+                    values["train/reg_loss"] = running_reg / n_running
+                values |= {f"method/{k}": v for k, v in self.method.metrics().items()}
+                self.log(values, s.step)
+                postfix |= {"loss": f"{running / n_running:.4f}", "lr": f"{lr:.2e}"}
+                bar.set_postfix(postfix)
+                running, running_reg, n_running = 0.0, 0.0, 0
+            if s.step % self.eval_every == 0 or s.step % self.steps_per_epoch == 0 or s.step == self.total_steps:
+                metrics = self.evaluate(final=s.step == self.total_steps)
+                postfix[self.main_metric] = f"{metrics[self.main_metric]:.4f}"
+                bar.set_postfix(postfix)
+            if self.checkpoint_every and s.step % self.checkpoint_every == 0 and s.step < self.total_steps:
+                self.save_checkpoint()
+            if self._stop_signal is not None:
+                path = self.save_checkpoint()
+                raise Interrupted(f"stopped by signal {self._stop_signal} at step {s.step}; resume from {path}")
+        bar.close()
+        if metrics is None or s.evals[-1]["step"] != s.step:
+            metrics = self.evaluate(final=True)
+        if self.cfg.get("save_adapter", True):
+            self.save_adapter("adapter.safetensors")
+        return {
+            "final": metrics,
+            "best": s.best,
+            "best_step": s.best_step,
+            "steps": s.step,
+            "train_s": s.train_s,
+            "hook_s": s.hook_s,
+            "step_s_median": statistics.median(s.step_times) if s.step_times else None,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def total_steps_for(n_train: int, train_cfg) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch), known before any method is built."""
+    if int(train_cfg.batch_size) <= 0:
+        raise TriadaptError(f"train.batch_size={train_cfg.batch_size} must be a positive integer")
+    steps_per_epoch = math.ceil(n_train / int(train_cfg.batch_size))
+    if train_cfg.max_steps:
+        return int(train_cfg.max_steps), steps_per_epoch
+    if not train_cfg.epochs or train_cfg.epochs <= 0:
+        raise TriadaptError(f"train.epochs={train_cfg.epochs} must be > 0 (or set train.max_steps)")
+    return math.ceil(steps_per_epoch * float(train_cfg.epochs)), steps_per_epoch
