@@ -48,9 +48,17 @@ def _is_multirun() -> bool:
         return False
 
 
+def _display_path(path: Path) -> str:
+    """Paths under the working directory are recorded relative to it (result files get committed)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _essentials(cfg: DictConfig, run_dir: Path) -> dict:
     return {
-        "run_dir": str(run_dir),
+        "run_dir": _display_path(run_dir),
         "experiment": cfg.get("experiment_name"),
         "task": cfg.task.name,
         "task_group": cfg.task.group,
