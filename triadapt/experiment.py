@@ -229,9 +229,11 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         if cfg.get("debug"):
             raise
+        if isinstance(e, Interrupted):
+            sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
             return None
-        sys.exit(130 if isinstance(e, Interrupted) else 2)
+        sys.exit(2)
     except Exception:
         if _is_multirun():
             # One broken job must not stop the sweep; its result.json says failed.
