@@ -18,5 +18,19 @@ test:  ## the full test suite (real-data tests use $(DATA) when present)
 test-fast:  ## unit tests only (skips `slow` real-data / multi-process tests)
 	TRIADAPT_TEST_DATA=$(DATA) $(PYTHON) -m pytest -q -m "not slow"
 
+sweep-cpu:  ## MiniLM CPU sweep (experiment=cpu_glue, 60 jobs) into results/cpu_glue; re-run to resume
+	$(PYTHON) run.py -m experiment=cpu_glue paths.output_dir=results data.dir=$(DATA)/glue
+
+report:  ## tables and plots of results/cpu_glue, next to the papers' numbers
+	$(PYTHON) -m triadapt.report results/cpu_glue --reference --out results/cpu_glue
+
+NOTEBOOK ?= notebooks/results.ipynb
+notebook:  ## execute notebooks/results.ipynb in place, headless (NOTEBOOK=… for another)
+	@if $(PYTHON) -c "import nbconvert" 2>/dev/null; then \
+		$(PYTHON) -m jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOK); \
+	else \
+		$(PYTHON) -c "import sys, os, nbformat; from nbclient import NotebookClient; p = sys.argv[1]; nb = nbformat.read(p, as_version=4); NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': os.path.dirname(p) or '.'}}).execute(); nbformat.write(nb, p); print('executed', p)" $(NOTEBOOK); \
+	fi
+
 clean:  ## remove local run outputs
 	rm -rf outputs multirun .pytest_cache

@@ -72,3 +72,20 @@ def test_minilm_real_mrpc_smoke(tmp_path, glue_dir):
     assert result["status"] == "completed"
     assert result["budget"]["adapter_params"] == 8 * 6 * (4 * 768 + 1920 + 1920)  # MiniLM: 6 layers, hidden 384
     assert 0.0 <= result["metrics"]["final"]["accuracy"] <= 1.0
+
+
+def test_squad_devsplit_tiny_run_writes_predictions(tmp_path, shared_data):
+    run_dir = tmp_path / "run"
+    run_py("model=tiny_bert", "method=triadapt", "budget=r2", "task=squad_v2_devsplit", f"data.dir={shared_data}",
+           "data.max_train_samples=48", "data.max_eval_samples=24", "train.max_steps=10", "train.batch_size=8",
+           f"hydra.run.dir={run_dir}")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["main_metric"] == "f1"
+    assert {"exact", "f1", "HasAns_exact", "NoAns_exact", "best_f1"} <= set(result["metrics"]["final"])
+    assert result["budget"]["head_params"] == 32 * 2 + 2  # qa_outputs only: BERT QA has no pooler
+    predictions = json.loads((run_dir / "predictions.json").read_text())
+    null_odds = json.loads((run_dir / "null_odds.json").read_text())
+    assert len(predictions) == len(null_odds) == 24
+    # growth reached the target: 12 modules × average rank 2
+    assert sum(result["budget"]["ranks"].values()) == 24
+    assert (run_dir / "rank_history.json").is_file() and (run_dir / "rank_heatmap.png").is_file()

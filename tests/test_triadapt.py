@@ -396,7 +396,7 @@ def test_orthogonal_regulariser():
         ({"target_rank": 0}, "target_rank"),
         ({"target_rank": 17}, "exceeds min"),
         ({"incre_interval": 0}, "incre_interval"),
-        ({"incre_interval": 0.001}, "incre_interval"),
+        ({"incre_interval": -0.5}, "incre_interval"),
         ({"init_rank": 5}, "init_rank"),
         ({"init_warmup": 58, "incre_interval": 1}, "cannot reach"),
         ({"growth": "none", "target_total_rank": 20}, "uniform rank"),
@@ -409,6 +409,11 @@ def test_validation_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:
         setup(**overrides)
     assert "\n" not in str(err.value)
+
+
+def test_tiny_fractional_interval_means_every_step():
+    method, *_ = setup(incre_interval=0.001)
+    assert method.incre_interval == 1
 
 
 def test_rule_that_falls_short_warns_with_the_exact_prediction():

@@ -83,6 +83,8 @@ class TriAdaptLoRA(Method):
         self.delta_r = int(cfg.incre_rank_num) if cfg.incre_rank_num is not None else max(1, self.rank // 2)
         self.init_warmup = resolve_steps(cfg.init_warmup, ctx.total_steps, "method.init_warmup") or 0
         self.incre_interval = resolve_steps(cfg.incre_interval, ctx.total_steps, "method.incre_interval")
+        if isinstance(cfg.incre_interval, float) and cfg.incre_interval > 0:
+            self.incre_interval = max(1, self.incre_interval)  # a fraction of a short run still means every step
         self.alpha = float(cfg.alpha)
         self.scale_constant = float(cfg.scale_constant)
         self.weight_decay = ctx.weight_decay if cfg.weight_decay is None else float(cfg.weight_decay)
