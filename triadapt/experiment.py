@@ -3,7 +3,8 @@
 ``result.json`` is the only input the report needs. It is written atomically: first with
 ``status: running`` when the run starts, then ``completed`` / ``failed`` / ``interrupted``.
 A run directory whose result says ``completed`` is skipped, so re-running a sweep resumes
-it; a directory holding a checkpoint is resumed (``resume=auto``).
+it; a directory holding a checkpoint is resumed (``resume=auto``), provided the run's
+settings are those the checkpoint was written with.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from triadapt.errors import ConfigError, TriadaptError
 from triadapt.methods import RunContext, build_method
 from triadapt.models import head_parameters, load_model, load_tokenizer
 from triadapt.schedules import GroupedLinearSchedule
-from triadapt.tracking import RESULT_FILE, Tracker, atomic_write_json, git_sha, package_versions, read_result
+from triadapt.tracking import (
+    RESULT_FILE,
+    Tracker,
+    atomic_path,
+    atomic_write_json,
+    git_sha,
+    package_versions,
+    read_result,
+)
 from triadapt.train import Interrupted, Trainer, latest_checkpoint, seed_everything, total_steps_for
 
 log = logging.getLogger("triadapt")
@@ -70,7 +79,7 @@ def _essentials(cfg: DictConfig, run_dir: Path) -> dict:
     }
 
 
-def _validate_train(cfg: DictConfig) -> None:
+def _validate(cfg: DictConfig) -> None:
     t = cfg.train
     if not t.lr or float(t.lr) <= 0:
         raise ConfigError(f"train.lr={t.lr} must be > 0")
@@ -78,6 +87,36 @@ def _validate_train(cfg: DictConfig) -> None:
         raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} must be > 0")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision={t.precision!r}; choose auto, fp32 or bf16")
+    if int(t.get("checkpoint_every") or 0) < 0:
+        raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: only on a signal or a NaN)")
+    if t.get("keep_checkpoints") is not None and int(t.keep_checkpoints) < 1:
+        raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = cfg.data.get(key)
+        if value is not None and int(value) <= 0:
+            raise ConfigError(f"data.{key}={value} must be a positive integer (or null for all examples)")
+
+
+#: Settings that may differ between a run and its resume: they do not change what is trained.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "debug", "logger", "paths", "data.dir", "data.source",
+    "train.device", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+})  # fmt: skip
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every setting that differs, outside :data:`RESUME_MAY_CHANGE`."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        if name in RESUME_MAY_CHANGE:
+            continue
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{name}.")
+        elif a != b:
+            changes.append(f"{name}: {a} → {b}")
+    return changes
 
 
 def _device(name: str) -> torch.device:
@@ -103,10 +142,21 @@ def run(cfg: DictConfig) -> float | None:
         raise ConfigError(f"{run_dir} holds a checkpoint; pass resume=true to continue it or choose another run dir")
     if resume is False and previous is not None:
         raise ConfigError(f"{run_dir} already holds a {previous.get('status')} run; choose another run dir")
+    if previous is None and (run_dir / RESULT_FILE).exists():
+        log.warning("%s is unreadable; starting the run again", run_dir / RESULT_FILE)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if checkpoint is not None and previous and isinstance(previous.get("config"), dict):
+        changes = config_changes(previous["config"], config)
+        if changes:
+            more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+            raise ConfigError(
+                f"{run_dir} holds a checkpoint of a run with other settings ({'; '.join(changes[:3])}{more}); "
+                "resume with the same settings, or choose another run dir"
+            )
 
     essentials = _essentials(cfg, run_dir)
     base = essentials | {"status": "running", "error": None, "versions": package_versions(), "git_sha": git_sha()}
-    base["config"] = OmegaConf.to_container(cfg, resolve=True)
+    base["config"] = config
     atomic_write_json(run_dir / RESULT_FILE, base)
     tracker = None
     try:
@@ -126,7 +176,7 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker) -> dict:
-    _validate_train(cfg)
+    _validate(cfg)
     seed_everything(int(cfg.seed), bool(cfg.train.get("deterministic", True)))
     device = _device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
@@ -215,7 +265,8 @@ def _write_rank_outputs(run_dir: Path, report: dict, patterns: list[str], tracke
 
     fig = rank_heatmap(report["ranks"])
     path = run_dir / "rank_heatmap.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     tracker.log_image("rank_heatmap", path, step)
     return {"rank_history": "rank_history.json", "rank_heatmap": "rank_heatmap.png"}
 
@@ -226,7 +277,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
     except TriadaptError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)  # one line; the traceback only with debug=true
         if cfg.get("debug"):
             raise
         if isinstance(e, Interrupted):

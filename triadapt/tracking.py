@@ -7,28 +7,38 @@ so a kill at any moment leaves either the old or the new complete file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
-import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from triadapt.errors import ConfigError
+
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+WANDB_MODES = ("online", "offline", "disabled")
+log = logging.getLogger("triadapt")
 
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success move it over ``path``."""
+    """Yield a temporary path next to ``path``; once written, flush it to disk and move it over ``path``.
+
+    The temp name starts with a dot and ends in ``.tmp``, so no reader globbing ``step-*.pt``
+    or ``result.json`` ever picks up a half-written file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,10 +47,7 @@ def atomic_path(path: str | Path):
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -96,12 +103,23 @@ def git_sha() -> str | None:
 
 
 class Tracker:
-    """W&B when configured, otherwise nothing. W&B failing to start falls back to offline."""
+    """W&B when configured, otherwise nothing.
+
+    W&B failing to start never fails the run: online falls back to offline (one warning), and
+    offline failing turns logging off. An unreachable server is given up after W&B's
+    ``init_timeout`` (90 s; set ``WANDB_INIT_TIMEOUT`` to shorten it), once per process: the
+    next jobs of a sweep in the same process log offline straight away.
+    """
+
+    _online_failed = False  # per process
 
     def __init__(self, logger_cfg, run_dir: Path, config: dict, name: str) -> None:
         self.run = None
-        if logger_cfg.name != "wandb" or logger_cfg.get("mode") == "disabled":
+        mode = logger_cfg.get("mode")
+        if logger_cfg.name != "wandb" or mode == "disabled":
             return
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"logger.mode={mode!r}; choose {', '.join(WANDB_MODES)} (or logger=none)")
         import wandb
 
         kwargs = dict(
@@ -116,17 +134,24 @@ class Tracker:
             reinit="finish_previous",
         )
         os.environ.setdefault("WANDB_SILENT", "true")
+        if mode == "online" and Tracker._online_failed:
+            mode = "offline"
+            log.warning("W&B online failed earlier in this process; logging offline")
         try:
-            self.run = wandb.init(mode=logger_cfg.mode, **kwargs)
+            self.run = wandb.init(mode=mode, **kwargs)
         except Exception as e:  # no API key, no network, bad entity …
-            if logger_cfg.mode == "offline":
-                warnings.warn(f"W&B failed to start ({type(e).__name__}: {e}); logging disabled", stacklevel=2)
+            if mode == "offline":
+                log.warning("W&B failed to start (%s); W&B logging disabled for this run", _one_line(e))
                 return
-            warnings.warn(f"W&B failed to start online ({type(e).__name__}); falling back to offline", stacklevel=2)
+            Tracker._online_failed = True
+            log.warning(
+                "W&B failed to start online (%s); logging offline instead (check WANDB_API_KEY or `wandb login` "
+                "and the network, then `wandb sync %s`)", _one_line(e), Path(run_dir) / "wandb",
+            )
             try:
                 self.run = wandb.init(mode="offline", **kwargs)
             except Exception as e2:
-                warnings.warn(f"W&B offline also failed ({type(e2).__name__}); logging disabled", stacklevel=2)
+                log.warning("W&B offline also failed (%s); W&B logging disabled for this run", _one_line(e2))
                 return
         for key in ("eval/*",):
             self.run.define_metric(key, summary="max")
@@ -142,6 +167,15 @@ class Tracker:
             self.run.log({key: wandb.Image(str(path))}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run; a W&B error here is logged, never raised (the run's outcome stands)."""
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+            run, self.run = self.run, None
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as e:
+                log.warning("W&B failed to finish (%s)", _one_line(e))
+
+
+def _one_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__

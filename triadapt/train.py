@@ -9,7 +9,9 @@ Evaluation runs every ``train.eval_every`` steps (or once per epoch) and at the 
 best evaluation by the task's main metric is tracked. Checkpoints hold everything needed
 to continue bit-identically: weights, optimizer (grown groups included), per-group LR
 schedules, the method's allocator state, RNG states and the data position (batches are a
-pure function of seed and epoch, so the step number is the data position).
+pure function of seed and epoch, so the step number is the data position). A non-finite
+loss or gradient norm stops the run (:class:`TrainingDiverged`) before the optimizer step,
+after checkpointing the weights as they were: the last good state.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
+        # Temp files of a checkpoint write cut short by a kill: never complete, never read.
+        for stale in path.parent.glob(".step-*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
             payload = torch.load(path, map_location=self.device, weights_only=False)
             self.method.load_state_dict(payload["method"], self.model, self.optimizer, self.scheduler)
@@ -192,9 +197,14 @@ class Trainer:
         except TriadaptError:
             raise
         except Exception as e:
+            reason = (str(e).strip().splitlines() or [""])[0]  # torch errors may append a C++ backtrace
             raise TriadaptError(
-                f"cannot resume from {path} ({type(e).__name__}: {e}); delete the checkpoint or the run dir to start over"
+                f"cannot resume from {path} ({type(e).__name__}: {reason}); "
+                "delete the checkpoint or the run dir to start over"
             ) from None
+        # The killed run may have logged evaluations past the checkpoint; they are replayed.
+        write_metrics_log(self.run_dir, self.state.evals)
+        log.info("resumed from %s at step %d/%d", path, self.state.step, self.total_steps)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict:
@@ -220,6 +230,14 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
+
+    def _diverged(self, what: str) -> None:
+        """Save the weights as they are (no update from the bad step applied yet) and stop."""
+        path = self.save_checkpoint()
+        raise TrainingDiverged(
+            f"{what} at step {self.state.step}; last good state saved to {path}. "
+            "Lower train.lr or fix the data, then start a new run dir"
+        )
 
     def fit(self, resume_from: Path | None = None) -> dict:
         if resume_from is not None:
@@ -252,14 +270,16 @@ class Trainer:
                 reg = self.method.extra_loss(model)
             loss = task_loss if reg is None else task_loss + reg
             if not torch.isfinite(loss):
-                path = self.save_checkpoint()
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {s.step}; last good state saved to {path}. "
-                    "Lower train.lr or check the data"
-                )
+                self._diverged(f"loss is {loss.item()}")
             loss.backward()
+            # A non-finite gradient would poison the weights: stop before the optimizer step.
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if not torch.isfinite(grad_norm):
+                self._diverged(f"gradient norm is {grad_norm.item()}")
             h0 = time.perf_counter()
             self.method.before_step(s.step, model, self.optimizer, self.scheduler)
             hook_s = time.perf_counter() - h0
@@ -324,7 +344,11 @@ def total_steps_for(n_train: int, train_cfg) -> tuple[int, int]:
     if int(train_cfg.batch_size) <= 0:
         raise TriadaptError(f"train.batch_size={train_cfg.batch_size} must be a positive integer")
     steps_per_epoch = math.ceil(n_train / int(train_cfg.batch_size))
-    if train_cfg.max_steps:
+    if train_cfg.max_steps is not None:
+        if int(train_cfg.max_steps) <= 0:
+            raise TriadaptError(
+                f"train.max_steps={train_cfg.max_steps} must be a positive integer (or null to use train.epochs)"
+            )
         return int(train_cfg.max_steps), steps_per_epoch
     if not train_cfg.epochs or train_cfg.epochs <= 0:
         raise TriadaptError(f"train.epochs={train_cfg.epochs} must be > 0 (or set train.max_steps)")
