@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process: tests start many small runs side by side, and oversubscribed
+# threads make a tiny-model step ~15× slower on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

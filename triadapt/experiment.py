@@ -249,7 +249,6 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
             "step_s_median": summary["step_s_median"],
             "hook_s": summary["hook_s"],
             "peak_mem_mb": summary["peak_mem_mb"],
-            "wall_s": None,
         },
         "data": task.info,
         **outputs,
