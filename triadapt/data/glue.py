@@ -146,11 +146,13 @@ def make_collator(tokenizer):
     return collate
 
 
-def _limit(texts, labels, limit, what: str, task: str):
+def _limit(texts, labels, limit, what: str, task: str, limit_key: str):
+    if not texts:
+        raise DataError(f"{task} {what} split is empty: its file has no examples")
     if limit is not None:
         texts, labels = texts[:limit], labels[:limit]
     if not texts:
-        raise DataError(f"{task} {what} split is empty (check data.max_*_samples={limit})")
+        raise DataError(f"{task} {what} split is empty after data.{limit_key}={limit}")
     return texts, labels
 
 
@@ -169,13 +171,19 @@ def build_glue_task(task_cfg, data_cfg, tokenizer, seed: int = 0) -> TaskData:
         return _load_local(task_cfg, root, split_stem) if use_local else _load_hub(task_cfg, split_hub)
 
     train_texts, train_labels = _limit(
-        *load(task_cfg.splits.train, task_cfg.splits.train), data_cfg.get("max_train_samples"), "train", task_cfg.name
+        *load(task_cfg.splits.train, task_cfg.splits.train),
+        data_cfg.get("max_train_samples"),
+        "train",
+        task_cfg.name,
+        "max_train_samples",
     )
     max_len = int(task_cfg.max_seq_length)
     train = tokenize(tokenizer, train_texts, train_labels, max_len, task_cfg.is_regression)
     eval_sets = {}
     for split_hub, split_stem in task_cfg.splits.eval.items():
-        texts, labels = _limit(*load(split_hub, split_stem), data_cfg.get("max_eval_samples"), split_hub, task_cfg.name)
+        texts, labels = _limit(
+            *load(split_hub, split_stem), data_cfg.get("max_eval_samples"), split_hub, task_cfg.name, "max_eval_samples"
+        )
         eval_sets[split_hub] = tokenize(tokenizer, texts, labels, max_len, task_cfg.is_regression)
     collate = make_collator(tokenizer)
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from triadapt.data import TaskData, resolve_data_dir
 from triadapt.errors import ConfigError, DataError
 from triadapt.squad_eval import squad_v2_metrics
+from triadapt.tracking import atomic_write_json
 
 LOCAL_FILES = {"train": "train-v2.0.json", "eval": "dev-v2.0.json"}
 HUB_SPLITS = {"train": "train", "eval": "validation"}
@@ -317,11 +318,8 @@ def postprocess_predictions(
 
 def write_predictions(output_dir: str | Path, predictions: dict[str, str], null_odds: dict[str, float]) -> None:
     """``predictions.json`` and ``null_odds.json``, readable by ``python -m triadapt.squad_eval``."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for name, content in (("predictions.json", predictions), ("null_odds.json", null_odds)):
-        with open(output_dir / name, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
+        atomic_write_json(Path(output_dir) / name, content)
 
 
 # --------------------------------------------------------------------------- evaluation
