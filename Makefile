@@ -21,6 +21,10 @@ test-fast:  ## unit tests only (skips `slow` real-data / multi-process tests)
 sweep-cpu:  ## MiniLM CPU sweep (experiment=cpu_glue, 60 jobs) into results/cpu_glue; re-run to resume
 	$(PYTHON) run.py -m experiment=cpu_glue paths.output_dir=results data.dir=$(DATA)/glue
 
+BENCH_ARGS ?=
+bench:  ## adapter step time/memory vs the frozen floor and peft, into results/bench (BENCH_ARGS=--full: whole sweep)
+	TRIADAPT_DATA_DIR=$${TRIADAPT_DATA_DIR:-$(DATA)/glue} $(PYTHON) -m triadapt.bench $(BENCH_ARGS)
+
 report:  ## tables and plots of results/cpu_glue, next to the papers' numbers
 	$(PYTHON) -m triadapt.report results/cpu_glue --reference --out results/cpu_glue
 

@@ -9,7 +9,13 @@ from torch import nn
 
 from triadapt.errors import ConfigError
 from triadapt.methods.base import Method
-from triadapt.methods.core import AdaptedLinear, IdentityCore, find_target_linears, replace_module
+from triadapt.methods.core import (
+    AdaptedLinear,
+    IdentityCore,
+    find_target_linears,
+    optimizer_group,
+    replace_module,
+)
 
 
 class LoRA(Method):
@@ -37,4 +43,4 @@ class LoRA(Method):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             params += layer.append_factors(a, torch.zeros(linear.out_features, self.r))
             replace_module(model, name, layer)
-        return [{"params": params, "weight_decay": self.ctx.weight_decay}]
+        return [optimizer_group(params, self.ctx.weight_decay)]

@@ -25,6 +25,8 @@ from torch import nn
 from triadapt.errors import ConfigError
 from triadapt.methods.base import Method, resolve_steps
 from triadapt.methods.core import (
+    add_optimizer_group,
+    optimizer_group,
     AdaptedLinear,
     DiagonalCore,
     TriangularCore,
@@ -33,7 +35,7 @@ from triadapt.methods.core import (
     orthogonal_regulariser,
     replace_module,
 )
-from triadapt.schedules import NEW_GROUP_SCHEDULES, add_param_group
+from triadapt.schedules import NEW_GROUP_SCHEDULES
 
 GROWTHS = ("linear", "exponential", "none")
 SCORES = ("frobenius", "random")
@@ -116,7 +118,7 @@ class TriAdaptLoRA(Method):
 
     # -- parametrisation (§4.1) ------------------------------------------------------------
     def _normal(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.init_gen) * INIT_STD
+        return torch.randn(*shape, generator=self.init_gen).mul_(INIT_STD)
 
     def _append(self, layer: AdaptedLinear, k: int, initial: bool) -> list[nn.Parameter]:
         """Append k ranks to ``layer`` and return the new Parameters.
@@ -126,15 +128,17 @@ class TriAdaptLoRA(Method):
         its core entries 0 and A, B ~ N(0, 0.02²).
         """
         device = layer.base.weight.device
+        d_in, d_out, r1 = layer.in_features, layer.out_features, layer.rank
+        zero_core = self.init == "block_c0"
+        zero_b = self.init == "single" and initial
+        triangular = self.core == "triangular"
         new: list[nn.Parameter] = []
         for size in [1] * k if self.init == "single" else [k]:
-            r1 = layer.rank + size
-            zero_core = self.init == "block_c0"
-            zero_b = self.init == "single" and initial
-            a = self._normal(size, layer.in_features)
-            b = torch.zeros(layer.out_features, size) if zero_b else self._normal(layer.out_features, size)
+            r1 += size
+            a = self._normal(size, d_in)
+            b = torch.zeros(d_out, size) if zero_b else self._normal(d_out, size)
             new += layer.append_factors(a, b)
-            if self.core == "triangular":
+            if triangular:
                 rows = torch.zeros(size, r1) if zero_core else self._normal(size, r1)
                 cols = torch.zeros(r1, size) if zero_core else self._normal(r1, size)
                 new += layer.core.append(rows.to(device), cols.to(device))
@@ -142,7 +146,7 @@ class TriAdaptLoRA(Method):
                 values = torch.zeros(size) if zero_core else self._normal(size)
                 new.append(layer.core.append(values.to(device)))
         # s = α/r_k with the code's +1e-5; it shrinks as the module grows.
-        layer.scale = self.alpha / (layer.rank + 1e-5) if self.scaling == "alpha_over_r" else self.scale_constant
+        layer.scale = self.alpha / (r1 + 1e-5) if self.scaling == "alpha_over_r" else self.scale_constant
         return new
 
     def inject(self, model: nn.Module) -> list[dict]:
@@ -174,7 +178,7 @@ class TriAdaptLoRA(Method):
         self.prev_norm = {name: self._core_norm(layer) for name, layer in self.layers.items()}
         if self.growth != "none":
             self._check_reachable()
-        return [{"params": params, "weight_decay": self.ctx.weight_decay}]
+        return [optimizer_group(params, self.ctx.weight_decay)]
 
     # -- validation ------------------------------------------------------------------------
     def _event_steps(self) -> range:
@@ -259,7 +263,7 @@ class TriAdaptLoRA(Method):
             new += self._append(self.layers[name], k, initial=False)
             self.total_rank += k
             grown.append(name)
-        add_param_group(optimizer, scheduler, new, self.weight_decay, self.new_group_schedule)
+        add_optimizer_group(optimizer, scheduler, new, self.weight_decay, self.new_group_schedule)
         return grown
 
     # -- regulariser (§4.5) ----------------------------------------------------------------------

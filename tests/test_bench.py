@@ -1,0 +1,123 @@
+"""The adapter-overhead benchmark (triadapt/bench.py): runs end to end, writes its tables, measures
+the right things. No timing thresholds here: timings depend on the machine."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from triadapt import bench
+
+ROWS = ["floor", "full", "lora", "adalora", "increlora", "triadapt", "peft_lora", "peft_adalora"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = bench.model_config("tiny_bert")
+    base, _ = bench.build_base(cfg, 0)
+    return cfg, base, bench.make_batch(base, 4, 16, torch.device("cpu"), 0)
+
+
+def runner(tiny, method, phase="steady", rank=8):
+    cfg, base, batch = tiny
+    return bench.Runner(bench.Spec(method, phase, rank), base, cfg, batch, torch.device("cpu"), 345, 1, 0)
+
+
+def test_bench_command_end_to_end(tmp_path, tiny_glue_dir):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "triadapt.bench", "--model", "tiny_bert", "--steps", "2", "--repeats", "1",
+           "--out", str(out), "--data-dir", str(tiny_glue_dir), "--growth-model", "tiny_bert",
+           "--scaling-models", "tiny_bert,tiny_deberta", "--batch-size", "8", "--seq-len", "32", "--threads", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| variant |" in proc.stdout and "## Targets" in proc.stdout  # the Markdown table on stdout
+
+    with (out / "bench.csv").open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(ROWS) <= set(rows)  # a row per method, plus the growth-phase rows of the adaptive ones
+    assert {f"{m}:growth" for m in ("adalora", "increlora", "triadapt", "peft_adalora")} <= set(rows)
+    for r in rows.values():
+        assert float(r["median_s"]) > 0 and r["ratio_floor"] and r["ratio_lora"] and r["hook_median_ms"]
+        assert r["peak_rss_mb"] or r["phase"] == "growth"  # memory of every method, from its own child
+    assert float(rows["floor"]["ratio_floor"]) == 1.0 and float(rows["lora"]["ratio_lora"]) == 1.0
+    # the adaptive methods are timed at LoRA's final average rank
+    for m in ("adalora", "increlora", "triadapt", "peft_adalora"):
+        assert float(rows[m]["rank_effective"]) == pytest.approx(8.0)
+
+    result = json.loads((out / "bench.json").read_text())
+    machine = result["machine"]
+    assert machine["cpu_count"] and machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
+    assert [s["variant"] for s in result["steps"]][: len(ROWS)] == ROWS
+    assert all(len(s["times_s"]) == 2 for s in result["steps"])
+    assert "VmHWM" in result["memory_measure"] or "ru_maxrss" in result["memory_measure"]
+    event = result["growth_event"]["all_modules"]  # the growth-event timing entry
+    assert event["modules"] == 12 and event["modules_grown"] == 12 and event["median_ms"] > 0
+    assert result["growth_event"]["first_event"]["modules_grown"] >= 1
+    assert {t["target"].split(" ≤")[0] for t in result["targets"]} >= {"lora", "triadapt", "increlora"}
+
+    scaling = list(csv.DictReader((out / "scaling.csv").open()))
+    assert {r["sweep"] for r in scaling} == {"rank", "seq_len", "model"}
+    assert {r["x"] for r in scaling if r["sweep"] == "model"} == {"tiny_bert", "tiny_deberta"}
+    assert (out / "scaling.png").stat().st_size > 0
+    modes = {r["mode"]: r for r in csv.DictReader((out / "eval.csv").open())}
+    assert set(modes) == {"dynamic_sorted", "dynamic_unsorted", "max_length"}
+    assert float(modes["max_length"]["padding_pct"]) > float(modes["dynamic_sorted"]["padding_pct"])
+    assert (out / "summary.md").read_text().startswith("# triadapt bench")
+
+
+def test_floor_computes_no_weight_gradient(tiny):
+    r = runner(tiny, "floor")
+    seen = []
+    r.model.base_model.embeddings.register_forward_hook(lambda module, args, output: seen.append(output))
+    r.step()
+    assert r.method is None and r.optimizer is None
+    assert all(p.grad is None and not p.requires_grad for p in r.model.parameters())
+    # backward reached the output of every adapted module (layer 0's query/key/value are the leaves) ...
+    layer0 = r.model.base_model.encoder.layer[0].attention.self
+    assert len(r.floor_leaves) == 3
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in r.floor_leaves)
+    assert layer0.query.weight.shape[0] == r.floor_leaves[0].shape[-1]
+    # ... and went no further: nothing below them needs a gradient
+    assert not seen[0].requires_grad and seen[0].grad is None
+
+
+def test_adaptive_methods_are_timed_at_the_final_rank(tiny):
+    lora = runner(tiny, "lora")
+    assert lora.ranks() == (8.0, 8.0)
+    tri = runner(tiny, "triadapt")  # growth replayed through load_state_dict, as a resume does
+    assert tri.ranks()[0] == pytest.approx(8.0) and tri.method.total_rank == tri.method.target_total
+    before = len(tri.optimizer.param_groups)
+    tri.step()
+    assert tri.method.total_rank == tri.method.target_total and len(tri.optimizer.param_groups) == before
+    inc = runner(tiny, "increlora")
+    assert inc.method.finished and inc.ranks()[0] == pytest.approx(8.0)
+    ada = runner(tiny, "adalora")
+    ada.prepare()  # reaches the final phase: the allocation pattern is frozen
+    assert ada.method.pattern is not None and ada.ranks() == (pytest.approx(8.0), 12.0)
+    grow = runner(tiny, "triadapt", "growth")
+    events = list(grow.method._event_steps())
+    assert grow.step_no == events[0] - 1  # one warm-up step, then the first timed step is an event
+    grow.step()
+    grow.step()
+    assert grow.method.history and grow.method.history[0]["step"] == events[0]
+
+
+def test_paired_ratios():
+    assert bench.paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
+    assert bench.quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert bench.ratio_quantile([2.0, 4.0], [1.0, 1.0], 0.25) == 2.5
+
+
+def test_method_configs_resolve_the_budget():
+    cfg = bench.method_config("peft_adalora", 4)
+    assert cfg.name == "peft_adalora" and cfg.target_rank == 4 and cfg.tinit == 0.1  # merged with adalora.yaml
+    assert bench.method_config("lora", 16, dropout=0.1).r == 16
+    with pytest.raises(SystemExit):
+        bench.model_config("no_such_model")
