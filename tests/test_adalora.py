@@ -17,7 +17,7 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from triadapt.errors import ConfigError  # noqa: E402
-from triadapt.methods.adalora import AdaLoRA, BudgetSchedule  # noqa: E402
+from triadapt.methods.adalora import BudgetSchedule  # noqa: E402
 from triadapt.methods.base import RunContext, build_method  # noqa: E402
 from triadapt.methods.core import adapted_layers  # noqa: E402
 from triadapt.schedules import GroupedLinearSchedule  # noqa: E402

@@ -252,8 +252,8 @@ def test_event_m_follows_the_rule_during_training():
         method, model, opt, sched = setup(growth=growth)
         train(method, model, opt, sched, 0, STEPS)
         total = 8
-        t0, dt = 6, 3  # 0.1 and 0.05 of 60 steps
-        assert [e["step"] for e in method.history] == list(range(9, 9 + 3 * len(method.history), 3))
+        t0, dt = 6, 3  # 0.1 and 0.05 of 60 steps: events at 9, 12, … (the first multiple of dt after t0)
+        assert [e["step"] for e in method.history] == list(range(9, 9 + dt * len(method.history), dt))
         for e in method.history:
             assert e["progress"] == (e["step"] - t0) / (STEPS - t0)
             assert e["m"] == growth_count(32 - total, e["progress"], 8, growth)

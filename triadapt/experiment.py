@@ -175,6 +175,19 @@ def run(cfg: DictConfig) -> float | None:
     return result["metrics"]["best"][cfg.task.main_metric]
 
 
+def inject_with_head(method, model, head_modules: list[str], weight_decay: float) -> tuple[list[dict], dict]:
+    """Let the method adapt the model; the task head (pooler, classifier) always trains fully."""
+    groups = method.inject(model)
+    head = head_parameters(model, head_modules)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    for p in head.values():
+        p.requires_grad_(True)
+    head_group = [p for p in head.values() if id(p) not in in_groups]
+    if head_group:
+        groups.append({"params": head_group, "weight_decay": weight_decay})
+    return groups, head
+
+
 def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker) -> dict:
     _validate(cfg)
     seed_everything(int(cfg.seed), bool(cfg.train.get("deterministic", True)))
@@ -197,14 +210,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
     )
     method = build_method(cfg.method, ctx)
     model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"))
-    groups = method.inject(model)
-    head = head_parameters(model, list(cfg.model.head_modules))
-    in_groups = {id(p) for g in groups for p in g["params"]}
-    for p in head.values():
-        p.requires_grad_(True)
-    head_group = [p for p in head.values() if id(p) not in in_groups]
-    if head_group:
-        groups.append({"params": head_group, "weight_decay": ctx.weight_decay})
+    groups, head = inject_with_head(method, model, list(cfg.model.head_modules), ctx.weight_decay)
     model.to(device)
     optimizer = torch.optim.AdamW(
         groups, lr=ctx.learning_rate, betas=tuple(cfg.train.adam_betas), eps=float(cfg.train.adam_eps)
