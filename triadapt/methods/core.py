@@ -451,7 +451,9 @@ class AdaptedLinear(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, str | None, torch.Tensor | None]:
         """(A, B, core kind, core operand), concatenated once per parameter version and grad mode.
 
-        kind is None for a core without ``operand`` (the forward then calls the core module)."""
+        kind is None for a core without ``operand`` (the forward then calls the core module). In grad
+        mode the cached tensors belong to the current autograd graph: a backward through them drops
+        the cache (the graph's saved tensors are freed), so a later forward rebuilds them."""
         return self._factors.get(_version_key(self._params()), self._build_factors)
 
     def _build_factors(self):
@@ -459,6 +461,10 @@ class AdaptedLinear(nn.Module):
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=0)
         b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)
         kind, core = self.core.operand() if hasattr(self.core, "operand") else (None, None)
+        cache = self._factors
+        for t in (a, b, core):
+            if t is not None and t.grad_fn is not None:
+                t.register_hook(lambda grad, cache=cache: cache.clear())
         return a, b, kind, core
 
     def A(self) -> torch.Tensor:

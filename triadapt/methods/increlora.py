@@ -189,7 +189,8 @@ class IncreLoRA(Method):
             g = grad.reshape(-1, grad.shape[-1]).float()
             G = g.T @ x.reshape(-1, x.shape[-1]).float()
             dw = layer.delta_weight().float()  # includes the scale and the reserve, as in the reference code
-            self.raw[name] = (dw * G).abs().sum() / math.sqrt(dw.numel())
+            # in place on the fresh d_out×d_in product: no second and third weight-sized temporary
+            self.raw[name] = G.mul_(dw).abs_().sum() / math.sqrt(dw.numel())
 
     def _update_ema(self) -> None:
         ref = next(iter(self.raw.values()), None)
