@@ -456,12 +456,16 @@ def ratio_quantile(a: list[float], b: list[float], q: float) -> float | None:
 
 
 def interleave(runners: list[Runner], rounds: int, warmup: int, log=print) -> None:
-    """Prepare every runner, then warm-up rounds, then ``rounds`` timed rounds (A B C …, rotated)."""
+    """Prepare every runner, then warm-up rounds, then ``rounds`` timed rounds: A B C … rotated by
+    one each round and reversed every other round (A B C, C B A …), so that neighbours in ``runners``
+    stay neighbours and a drift of the machine's load within a pair cancels over two rounds."""
     for r in runners:
         r.prepare()
     n = len(runners)
     for i in range(warmup + rounds):
-        order = [runners[(j + i) % n] for j in range(n)]
+        order = [runners[(j + i // 2) % n] for j in range(n)]
+        if i % 2:
+            order.reverse()
         for r in order:
             gc.collect()
             gc.disable()
@@ -535,13 +539,19 @@ def main_specs(methods: list[str], rank: int, dropout: float | None) -> list[Spe
     return specs
 
 
+#: timing order of the main section: the pairs the targets compare are neighbours
+PAIRING_ORDER = ["floor", "lora", "peft_lora", "triadapt", "triadapt:growth", "increlora", "increlora:growth",
+                 "adalora", "peft_adalora", "adalora:growth", "peft_adalora:growth", "full"]
+
+
 def run_main(args, model_cfg, base, device, log) -> list[dict]:
     batch = make_batch(base, args.batch_size, args.seq_len, device, args.seed)
     specs = main_specs(args.methods, args.rank, args.dropout)
     log(f"main: {len(specs)} variants, {args.warmup} warm-up + {args.steps} timed rounds, "
         f"batch {args.batch_size} × seq {args.seq_len}, rank {args.rank}")
     runners = [Runner(s, base, model_cfg, batch, device, args.run_steps, args.warmup, args.seed) for s in specs]
-    interleave(runners, args.steps, args.warmup, log)
+    rank = {k: i for i, k in enumerate(PAIRING_ORDER)}
+    interleave(sorted(runners, key=lambda r: rank.get(r.key, len(rank))), args.steps, args.warmup, log)
     by_key = {r.key: r for r in runners}
     rows = [timing_row(r, by_key.get("floor"), by_key.get("lora"), args.clock) for r in runners]
     del runners
@@ -810,21 +820,27 @@ def run_scaling(args, device, log) -> list[dict]:
 
 def plot_scaling(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sweeps = [s for s in ("rank", "seq_len", "model") if any(r["sweep"] == s for r in rows)]
     fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 7), squeeze=False)
+    colors: dict[str, str] = {"floor": "C0"}
     for j, sweep in enumerate(sweeps):
         sub = [r for r in rows if r["sweep"] == sweep]
         xs = list(dict.fromkeys(r["x"] for r in sub))
         for method in dict.fromkeys(r["method"] for r in sub):
             pts = [r for r in sub if r["method"] == method]
             pos = [xs.index(r["x"]) for r in pts] if sweep == "model" else [r["x"] for r in pts]
-            axes[0][j].plot(pos, [r["median_s"] for r in pts], marker="o", label=method)
+            color = colors.setdefault(method, f"C{len(colors)}")
+            if sweep == "rank" and method == "floor":  # rank-independent: a line
+                axes[0][j].axhline(pts[0]["median_s"], color=color, label=method, linestyle="--")
+                continue
+            axes[0][j].plot(pos, [r["median_s"] for r in pts], marker="o", label=method, color=color)
             if method != "floor":
-                axes[1][j].plot(pos, [r["ratio_floor"] for r in pts], marker="o", label=method)
+                axes[1][j].plot(pos, [r["ratio_floor"] for r in pts], marker="o", label=method, color=color)
         for i in range(2):
             ax = axes[i][j]
             if sweep == "model":
@@ -835,7 +851,9 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         axes[0][j].set_ylabel("step time (s, median)")
-        axes[0][j].set_yscale("log")
+        if sweep != "rank":
+            axes[0][j].set_yscale("log")
+            axes[0][j].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
         axes[1][j].set_ylabel("× floor")
     fig.suptitle("step time scaling (CPU)" if rows else "")
     fig.tight_layout()
@@ -900,15 +918,15 @@ def run_eval(args, model_cfg, base, tokenizer, device, log) -> list[dict]:
     }
     times: dict[str, list[float]] = {k: [] for k in modes}
     tokens: dict[str, int] = {}
-    for i in range(1 + max(1, args.repeats)):
+    modes["dynamic_sorted"]()  # warm-up
+    for _ in range(max(1, args.eval_repeats)):
         for name, fn in modes.items():
             gc.collect()
             sync(device)
             t0 = time.perf_counter()
             tokens[name] = fn()
             sync(device)
-            if i:
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
     real = sum(lengths)
     rows = []
     for name, ts in times.items():
@@ -994,7 +1012,7 @@ def targets_table(checks: list[dict]) -> str:
             other = "wall" if c["clock"] == "cpu" else "CPU"
             value, spread = f"{c['value']:.3f} ({c['clock']})", f"{c['p25']:.3f}–{c['p75']:.3f}"
             cpu = f"{c['other']:.3f} ({other})"
-        met = "yes" if c["met"] else f"no (over by {c['miss_pct']:.0f}%)"
+        met = "yes" if c["met"] else f"no (over by {c['miss_pct']:.1f}%)"
         if c.get("live") is not None:
             met += f"; live bytes: {'yes' if c['live'] <= 1 else 'no'}"
         lines.append(f"| {c['target']} | {value} | {spread} | {cpu} | {met} |")
@@ -1058,14 +1076,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (interleaved rounds)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats per point (scaling, eval, growth event)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats per point (scaling curves, growth event)")
+    p.add_argument("--eval-repeats", type=int, default=1, help="timed passes over MRPC dev per batching mode")
     p.add_argument("--run-steps", type=int, default=345,
                    help="length of the run the adaptive schedules are laid out for (MRPC, 3 epochs at batch 32)")
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout for every adapter method (default: each config's, 0)")
     p.add_argument("--mem-steps", type=int, default=1, help="training steps of each memory child")
     p.add_argument("--mem-jobs", type=int, default=2, help="memory children run at a time")
     p.add_argument("--growth-model", default="bert_base_shape", help="model of the growth-event timing (72 modules)")
-    p.add_argument("--scaling-batch", type=int, default=8, help="batch of the seq-len and model sweeps (without --full)")
+    p.add_argument("--scaling-batch", type=int, default=4, help="batch of the seq-len and model sweeps (without --full)")
     p.add_argument("--scaling-models", default=None,
                    help="models of the model-size sweep (default tiny_bert, --model, bert_base_shape; --full adds "
                         "deberta_v3_base_shape)")
