@@ -4,7 +4,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 export HF_HUB_OFFLINE ?= 1
 DATA ?= ../shared/data
 
-.PHONY: help install test test-fast bench sweep-cpu report notebook clean
+.PHONY: help install test test-fast test-cuda bench sweep-cpu report notebook clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ test:  ## the full test suite (real-data tests use $(DATA) when present)
 
 test-fast:  ## unit tests only (skips `slow` real-data / multi-process tests)
 	TRIADAPT_TEST_DATA=$(DATA) $(PYTHON) -m pytest -q -m "not slow"
+
+test-cuda:  ## the CUDA tests alone (tests/test_cuda.py; skipped on machines without a GPU)
+	$(PYTHON) -m pytest -q -m cuda
 
 sweep-cpu:  ## MiniLM CPU sweep (experiment=cpu_glue, 60 jobs) into results/cpu_glue; re-run to resume
 	$(PYTHON) run.py -m experiment=cpu_glue paths.output_dir=results data.dir=$(DATA)/glue

@@ -196,12 +196,13 @@ class Runner:
     """A model + method + optimizer in a given state; ``step()`` runs one timed training step."""
 
     def __init__(self, spec: Spec, base: nn.Module, model_cfg: DictConfig, batch: dict, device: torch.device,
-                 run_steps: int, warmup: int, seed: int) -> None:
+                 run_steps: int, warmup: int, seed: int, autocast: bool = False) -> None:
         from triadapt.methods import RunContext, build_method
         from triadapt.experiment import inject_with_head
         from triadapt.schedules import GroupedLinearSchedule
 
         self.spec, self.batch, self.device = spec, batch, device
+        self.autocast = autocast  # bf16 autocast around forward and loss, as the training loop does on CUDA
         self.key = spec.key
         self.times: list[float] = []
         self.cpu: list[float] = []
@@ -306,11 +307,12 @@ class Runner:
             self.floor_leaves.clear()
         c0 = time.process_time()
         t0 = time.perf_counter()
-        loss = model(**self.batch).loss
-        if method is not None:
-            reg = method.extra_loss(model)
-            if reg is not None:
-                loss = loss + reg
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = model(**self.batch).loss
+            if method is not None:
+                reg = method.extra_loss(model)
+                if reg is not None:
+                    loss = loss + reg
         loss.backward()
         hook = 0.0
         if method is not None:
@@ -549,7 +551,7 @@ def run_main(args, model_cfg, base, device, log) -> list[dict]:
     specs = main_specs(args.methods, args.rank, args.dropout)
     log(f"main: {len(specs)} variants, {args.warmup} warm-up + {args.steps} timed rounds, "
         f"batch {args.batch_size} × seq {args.seq_len}, rank {args.rank}")
-    runners = [Runner(s, base, model_cfg, batch, device, args.run_steps, args.warmup, args.seed) for s in specs]
+    runners = [Runner(s, base, model_cfg, batch, device, args.run_steps, args.warmup, args.seed, args.autocast) for s in specs]
     rank = {k: i for i, k in enumerate(PAIRING_ORDER)}
     interleave(sorted(runners, key=lambda r: rank.get(r.key, len(rank))), args.steps, args.warmup, log)
     by_key = {r.key: r for r in runners}
@@ -679,7 +681,7 @@ def measure_memory(args) -> dict:
     batch = make_batch(base, args.batch_size, args.seq_len, device, args.seed)
     method, _, phase = args.child_memory.partition(":")
     spec = main_specs([method], args.rank, args.dropout)[0 if not phase else 1]
-    runner = Runner(spec, base, model_cfg, batch, device, args.run_steps, 1, args.seed)
+    runner = Runner(spec, base, model_cfg, batch, device, args.run_steps, 1, args.seed, args.autocast)
     del base
     gc.collect()
     if device.type == "cuda":
@@ -794,10 +796,10 @@ def run_scaling(args, device, log) -> list[dict]:
                 bases[st["model"]] = (cfg, build_base(cfg, args.seed)[0])
             cfg, base = bases[st["model"]]
             batch = make_batch(base, st["batch_size"], st["seq_len"], device, args.seed)
-            runners = [Runner(p[3], base, cfg, batch, device, args.run_steps, 1, args.seed) for p in group]
+            runners = [Runner(p[3], base, cfg, batch, device, args.run_steps, 1, args.seed, args.autocast) for p in group]
             floor = next((r for r in runners if r.spec.method == "floor"), None)
             if floor is None:
-                floor = Runner(Spec("floor"), base, cfg, batch, device, args.run_steps, 1, args.seed)
+                floor = Runner(Spec("floor"), base, cfg, batch, device, args.run_steps, 1, args.seed, args.autocast)
                 runners.insert(0, floor)
             log(f"scaling {sweep}: {st} — {len(runners)} variants")
             interleave(runners, args.repeats, 1, log=lambda *_: None)
@@ -1100,6 +1102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the ratios use: auto (default) = process CPU time with one torch thread, else wall")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep (default): glibc malloc keeps freed memory, no per-step page faults; default: untuned")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU, as train.precision=auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1107,6 +1111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    args.autocast = args.precision == "bf16" or (args.precision == "auto" and args.device.startswith("cuda"))
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if set(args.sections) - set(SECTIONS):
         p.error(f"unknown section(s); choose from {', '.join(SECTIONS)}")
