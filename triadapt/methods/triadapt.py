@@ -296,8 +296,8 @@ class TriAdaptLoRA(Method):
         self.prev_norm = dict(state["prev_norm"])
         self.withheld = state["withheld"]
         self.last_threshold = state["last_threshold"]
-        self.init_gen.set_state(state["init_gen"])
-        self.select_gen.set_state(state["select_gen"])
+        self.init_gen.set_state(state["init_gen"].cpu())  # CPU generators; checkpoints load onto the device
+        self.select_gen.set_state(state["select_gen"].cpu())
 
     # -- accounting --------------------------------------------------------------------------------
     def adapter_params(self, model: nn.Module) -> int:
