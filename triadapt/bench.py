@@ -55,6 +55,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from triadapt.train import build_optimizer, clip_gradients
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 METHODS = ("floor", "full", "lora", "adalora", "increlora", "triadapt", "peft_lora", "peft_adalora")
@@ -252,8 +254,8 @@ class Runner:
         method = build_method(cfg, ctx)
         groups, _ = inject_with_head(method, model, list(model_cfg.head_modules), ctx.weight_decay)
         self.model = model.to(device)
-        self.optimizer = torch.optim.AdamW(groups, lr=ctx.learning_rate, betas=tuple(tcfg.adam_betas),
-                                           eps=float(tcfg.adam_eps))
+        self.optimizer = build_optimizer(groups, ctx.learning_rate, tcfg.adam_betas, float(tcfg.adam_eps),
+                                         fused=bool(tcfg.fused_optimizer))
         self.scheduler = GroupedLinearSchedule(self.optimizer, ctx.warmup_steps, run_steps)
         self.method = method
         if hasattr(method, "_score"):  # IncreLoRA scores modules in gradient hooks during backward
@@ -317,10 +319,7 @@ class Runner:
         hook = 0.0
         if method is not None:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if self.clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = clip_gradients(params, self.clip)
             if not torch.isfinite(norm):  # the loop stops here (train.py); a benchmark must not go on silently
                 raise RuntimeError(f"{self.key}: non-finite gradient norm at step {self.step_no}")
             h0 = time.perf_counter()

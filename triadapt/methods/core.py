@@ -512,24 +512,9 @@ class AdaptedLinear(nn.Module):
 
 
 def optimizer_group(params: list[nn.Parameter], weight_decay: float) -> dict:
-    """An optimizer param group of adapter parameters.
-
-    Adapters hold many small tensors (TriAdaptLoRA: four per rank and module), so the per-tensor
-    Python loop of torch's default CPU optimizer path dominates their update. ``foreach`` runs the
-    same per-tensor arithmetic in multi-tensor kernels: bitwise-identical results, a fraction of
-    the overhead. Optimizers without the option ignore the key."""
-    return {"params": params, "weight_decay": weight_decay, "foreach": True}
-
-
-def add_optimizer_group(optimizer, scheduler, params: list[nn.Parameter], weight_decay: float, mode: str) -> None:
-    """:func:`triadapt.schedules.add_param_group` for grown components, with :func:`optimizer_group`'s
-    ``foreach``."""
-    from triadapt.schedules import add_param_group
-
-    before = len(optimizer.param_groups)
-    add_param_group(optimizer, scheduler, params, weight_decay, mode)
-    if len(optimizer.param_groups) > before and "foreach" in optimizer.defaults:
-        optimizer.param_groups[-1]["foreach"] = True
+    """An optimizer param group of adapter parameters (the kernel choice is the optimizer's: see
+    :func:`triadapt.train.build_optimizer`)."""
+    return {"params": params, "weight_decay": weight_decay}
 
 
 def _fusable(x, w, a, b, core, bias) -> bool:

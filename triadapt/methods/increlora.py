@@ -20,7 +20,6 @@ from torch import nn
 from triadapt.errors import ConfigError
 from triadapt.methods.base import Method, resolve_steps
 from triadapt.methods.core import (
-    add_optimizer_group,
     optimizer_group,
     AdaptedLinear,
     DiagonalCore,
@@ -29,7 +28,7 @@ from triadapt.methods.core import (
     orthogonal_regulariser,
     replace_module,
 )
-from triadapt.schedules import NEW_GROUP_SCHEDULES
+from triadapt.schedules import NEW_GROUP_SCHEDULES, add_param_group
 
 #: the reference code's Δr for a given target average rank (its ``rank_dic``)
 RANK_STEP = {2: 1, 4: 2, 6: 3, 8: 4}
@@ -119,7 +118,7 @@ class IncreLoRA(Method):
 
     def _add_group(self, optimizer, scheduler, params: list[nn.Parameter]) -> None:
         if optimizer is not None:  # None when only loading an adapter for inference
-            add_optimizer_group(optimizer, scheduler, params, self.ctx.weight_decay, self.new_group_schedule)
+            add_param_group(optimizer, scheduler, params, self.ctx.weight_decay, self.new_group_schedule)
 
     def inject(self, model: nn.Module) -> list[dict]:
         for p in model.parameters():

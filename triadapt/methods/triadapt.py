@@ -25,7 +25,6 @@ from torch import nn
 from triadapt.errors import ConfigError
 from triadapt.methods.base import Method, resolve_steps
 from triadapt.methods.core import (
-    add_optimizer_group,
     optimizer_group,
     AdaptedLinear,
     DiagonalCore,
@@ -35,7 +34,7 @@ from triadapt.methods.core import (
     orthogonal_regulariser,
     replace_module,
 )
-from triadapt.schedules import NEW_GROUP_SCHEDULES
+from triadapt.schedules import NEW_GROUP_SCHEDULES, add_param_group
 
 GROWTHS = ("linear", "exponential", "none")
 SCORES = ("frobenius", "random")
@@ -263,7 +262,7 @@ class TriAdaptLoRA(Method):
             new += self._append(self.layers[name], k, initial=False)
             self.total_rank += k
             grown.append(name)
-        add_optimizer_group(optimizer, scheduler, new, self.weight_decay, self.new_group_schedule)
+        add_param_group(optimizer, scheduler, new, self.weight_decay, self.new_group_schedule)
         return grown
 
     # -- regulariser (§4.5) ----------------------------------------------------------------------
