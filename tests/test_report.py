@@ -115,6 +115,15 @@ def test_all_average_convention(df):
     assert report.glue_table(df).loc["adalora r2 (0.32M)", "Ave. (4 tasks)"] == "83.75"
 
 
+def test_full_finetuning_row_names_no_rank_budget():
+    """Full fine-tuning has no rank budget: its row says so instead of "full r2 (0.00M)"."""
+    df, _ = report.load_results([REPO / "results" / "cpu_glue"])  # committed result files
+    table = report.glue_table(df)
+    assert "full (all weights)" in table.index
+    assert not any(label.startswith("full r") for label in table.index)
+    assert any(label.startswith("lora r2 (0.08M)") for label in table.index)
+
+
 def test_median_option(df):
     s = report.glue_summary(df, agg="median")
     mrpc = cell(s, "lora r2 (0.33M)", "MRPC")

@@ -306,7 +306,7 @@ def _record(group: pd.DataFrame, column, task, metric, value, std, n) -> dict:
     # The label uses the median size: adapter counts can differ slightly between runs of a budget.
     params = group["adapter_params"].median()
     return {
-        "row": _row_label(first["method"], first["budget_name"], params),
+        "row": _row_label(first["method"], first["budget_name"], params, ranked=not pd.isna(first["target_rank"])),
         "source": "ours",
         "model": first["model"],
         "method": first["method"],
@@ -321,7 +321,9 @@ def _record(group: pd.DataFrame, column, task, metric, value, std, n) -> dict:
     }
 
 
-def _row_label(method, budget, params) -> str:
+def _row_label(method, budget, params, ranked: bool = True) -> str:
+    if not ranked:  # no rank budget (full fine-tuning): "r2 (0.00M)" would misdescribe it
+        return f"{method} (all weights)"
     size = "" if pd.isna(params) else f" ({params / 1e6:.2f}M)"
     budget = "" if pd.isna(budget) else f" {budget}"
     return f"{method}{budget}{size}"
