@@ -191,7 +191,8 @@ class TriAdaptLoRA(Method):
             raise ConfigError(
                 f"TriAdaptLoRA cannot reach target_total_rank={self.target_total}: {events} growth events after "
                 f"init_warmup={self.init_warmup} every {self.incre_interval} steps, even growing all {n} modules "
-                f"by {self.delta_r}, add at most {events * n * self.delta_r} < {needed}"
+                f"by {self.delta_r}, add at most {events * n * self.delta_r} < {needed}; lower method.init_warmup or "
+                "method.incre_interval, raise method.incre_rank_num, or train for more steps"
             )
         # The m_t rule is deterministic in (R_t, p); ties only add modules, so this is exact
         # without ties and a lower bound otherwise.
