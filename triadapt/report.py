@@ -306,7 +306,9 @@ def _record(group: pd.DataFrame, column, task, metric, value, std, n) -> dict:
     # The label uses the median size: adapter counts can differ slightly between runs of a budget.
     params = group["adapter_params"].median()
     return {
-        "row": _row_label(first["method"], first["budget_name"], params, ranked=not pd.isna(first["target_rank"])),
+        # No rank target and no adapter (full fine-tuning): the row names no budget.
+        "row": _row_label(first["method"], first["budget_name"], params,
+                          ranked=not (pd.isna(first["target_rank"]) and params == 0)),
         "source": "ours",
         "model": first["model"],
         "method": first["method"],
