@@ -55,7 +55,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from triadapt.train import build_optimizer, clip_gradients
+from triadapt.train import build_optimizer, clip_gradients, optimizer_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -322,15 +322,7 @@ class Runner:
             norm = clip_gradients(params, self.clip)
             if not torch.isfinite(norm):  # the loop stops here (train.py); a benchmark must not go on silently
                 raise RuntimeError(f"{self.key}: non-finite gradient norm at step {self.step_no}")
-            h0 = time.perf_counter()
-            method.before_step(self.step_no, model, opt, sched)
-            hook = time.perf_counter() - h0
-            opt.step()
-            sched.step()
-            h0 = time.perf_counter()
-            method.after_step(self.step_no, model, opt, sched)
-            hook += time.perf_counter() - h0
-            opt.zero_grad(set_to_none=True)
+            hook = optimizer_step(self.step_no, model, method, opt, sched)
         sync(self.device)
         dt = time.perf_counter() - t0
         self.last_cpu = time.process_time() - c0

@@ -79,6 +79,21 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
 
+def optimizer_step(step: int, model, method, optimizer, scheduler) -> float:
+    """One update after backward and clipping: the method's hooks around AdamW and the schedule.
+    Returns the seconds spent in the hooks (allocation work, reported apart from the step)."""
+    h0 = time.perf_counter()
+    method.before_step(step, model, optimizer, scheduler)
+    hook_s = time.perf_counter() - h0
+    optimizer.step()
+    scheduler.step()
+    h0 = time.perf_counter()
+    method.after_step(step, model, optimizer, scheduler)
+    hook_s += time.perf_counter() - h0
+    optimizer.zero_grad(set_to_none=True)
+    return hook_s
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -303,15 +318,7 @@ class Trainer:
             grad_norm = clip_gradients(params, clip)
             if not torch.isfinite(grad_norm):
                 self._diverged(f"gradient norm is {grad_norm.item()}")
-            h0 = time.perf_counter()
-            self.method.before_step(s.step, model, self.optimizer, self.scheduler)
-            hook_s = time.perf_counter() - h0
-            self.optimizer.step()
-            self.scheduler.step()
-            h0 = time.perf_counter()
-            self.method.after_step(s.step, model, self.optimizer, self.scheduler)
-            hook_s += time.perf_counter() - h0
-            self.optimizer.zero_grad(set_to_none=True)
+            hook_s = optimizer_step(s.step, model, self.method, self.optimizer, self.scheduler)
             dt = time.perf_counter() - t0
             s.step += 1
             s.train_s += dt

@@ -20,11 +20,11 @@ from torch import nn
 from triadapt.errors import ConfigError
 from triadapt.methods.base import Method, resolve_steps
 from triadapt.methods.core import (
-    optimizer_group,
     AdaptedLinear,
     DiagonalCore,
     adapted_layers,
     find_target_linears,
+    optimizer_group,
     orthogonal_regulariser,
     replace_module,
 )
