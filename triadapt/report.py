@@ -81,9 +81,12 @@ def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tupl
     """Read every ``result.json`` under ``paths`` (searched recursively) into one row per run.
 
     Columns: :data:`RUN_COLUMNS` (``run_dir`` is where the file was found, ``ranks`` the
-    ``budget.ranks`` dict) plus one ``best.<key>`` / ``final.<key>`` column per numeric metric.
-    Returns ``(df, problems)``: files that cannot be read or parsed are skipped and described in
-    ``problems`` as ``{"path": ..., "problem": ...}`` dicts; runs of any status are kept.
+    ``budget.ranks`` dict, ``settings`` the run's settings (:func:`run_settings`), ``field_problems``
+    the fields read as missing because they were not numbers, ``metric_problems`` the metrics that
+    are null, NaN or not numbers) plus one ``best.<key>`` / ``final.<key>`` column per numeric metric.
+    Returns ``(df, problems)``: files that cannot be read or parsed, or lack task, method or status,
+    are skipped and described in ``problems`` as ``{"path": ..., "problem": ...}`` dicts; runs of any
+    status are kept.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -103,47 +106,166 @@ def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tupl
                 problems.append({"path": str(file), "problem": f"{type(e).__name__}: {e}"})
     df = pd.DataFrame(rows)
     extra = sorted(c for c in df.columns if c not in RUN_COLUMNS)
-    return df.reindex(columns=RUN_COLUMNS + extra), problems
+    df = df.reindex(columns=RUN_COLUMNS + extra)
+    for column in _NUMERIC_FIELDS:
+        df[column] = df[column].astype(float)
+    return df, problems
+
+
+_TEXT_FIELDS = ("task_group", "model", "budget_name", "main_metric")
+_NUMERIC_FIELDS = ("seed", "target_rank", "adapter_params", "head_params", "best_step", "train_s", "steps",
+                   "step_s_median", "peak_mem_mb")  # fmt: skip
 
 
 def _flatten(result: object, file: Path) -> dict:
     if not isinstance(result, dict):
         raise ValueError("result.json does not hold a JSON object")
-    missing = [key for key in ("task", "method", "status") if not result.get(key)]
+    missing = [key for key in ("task", "method", "status") if not isinstance(result.get(key), str) or not result[key]]
     if missing:
-        raise ValueError(f"result.json lacks {', '.join(missing)}")
+        raise ValueError(f"result.json lacks {', '.join(missing)} (or they are not text)")
+    field_problems: list[str] = []
     metrics = _as_dict(result.get("metrics"))
     budget = _as_dict(result.get("budget"))
     timing = _as_dict(result.get("timing"))
     error = result.get("error")
     if isinstance(error, dict):
         error = f"{error.get('type', 'Error')}: {error.get('message', '')}"
+    elif error is not None and not isinstance(error, str):
+        error = str(error)
     row = {
-        **{key: result.get(key) for key in ("task", "task_group", "method", "model", "seed", "budget_name")},
-        **{key: budget.get(key) for key in ("target_rank", "adapter_params", "head_params")},
+        "task": result["task"],
+        "method": result["method"],
+        **{key: _text(result.get(key), key, field_problems) for key in _TEXT_FIELDS},
+        "seed": _seed(result.get("seed"), field_problems),
+        **{key: _number(budget.get(key), f"budget.{key}", field_problems)
+           for key in ("target_rank", "adapter_params", "head_params")},
         "status": result["status"],
         "error": error,
-        "main_metric": result.get("main_metric"),
-        "best_step": metrics.get("best_step"),
-        **{key: timing.get(key) for key in ("train_s", "steps", "step_s_median", "peak_mem_mb")},
+        "best_step": _number(metrics.get("best_step"), "metrics.best_step", field_problems),
+        **{key: _number(timing.get(key), f"timing.{key}", field_problems)
+           for key in ("train_s", "steps", "step_s_median", "peak_mem_mb")},
         "run_dir": str(file.parent),
-        "ranks": budget.get("ranks"),
-    }
+        "ranks": budget.get("ranks") if isinstance(budget.get("ranks"), dict) else None,
+        "settings": run_settings(result),
+    }  # fmt: skip
+    metric_problems = {}
     for which in ("best", "final"):
-        for key, value in _as_dict(metrics.get(which)).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                row[f"{which}.{key}"] = float(value)
+        values = metrics.get(which)
+        if values is not None and not isinstance(values, dict):
+            metric_problems[which] = f"metrics.{which} is not an object ({_short(values)})"
+        for key, value in _as_dict(values).items():
+            name = f"{which}.{key}"
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                row[name] = float(value)
+            elif not key.endswith("reason") and not isinstance(value, (dict, list)):
+                what = "null" if value is None else "NaN" if _is_nan(value) else f"not a number ({_short(value)})"
+                reason = _metric_reason(metrics, which, key)
+                metric_problems[name] = f"{name} is {what}" + (f": {reason}" if reason else "")
+    row["field_problems"] = field_problems
+    row["metric_problems"] = metric_problems
     return row
+
+
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _metric_reason(metrics: dict, which: str, key: str) -> str | None:
+    """The reason a run recorded for a missing metric, wherever it put it: ``<key>_reason`` beside the
+    value, or a ``reasons``/``null_reasons``-style dict (keyed by metric) in ``metrics`` or ``metrics[which]``."""
+    for holder in (_as_dict(metrics.get(which)), metrics):
+        for name, value in holder.items():
+            if "reason" not in str(name):
+                continue
+            if isinstance(value, str) and name in (f"{key}_reason", f"{key}.reason"):
+                return value
+            if isinstance(value, dict):
+                hit = value.get(key, value.get(f"{which}.{key}"))
+                if isinstance(hit, str):
+                    return hit
+    return None
+
+
+def _text(value: object, name: str, problems: list[str]) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    problems.append(f"{name} {_short(value)} is not text (read as missing)")
+    return None
+
+
+def _number(value: object, name: str, problems: list[str]) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    problems.append(f"{name} {_short(value)} is not a number (read as missing)")
+    return math.nan
+
+
+def _seed(value: object, problems: list[str]) -> float:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value == int(value):
+        return float(value)
+    problems.append(f"seed {_short(value)} is not an integer")
+    return math.nan
+
+
+# Settings that name or locate a run, or only change how it is logged, checkpointed or placed: they do
+# not change what is measured, so runs that differ only in them share a row (and are duplicates when
+# the seed is the same too).
+PER_RUN_KEYS = ("seed", "paths", "run_dir", "logger", "resume", "debug", "data.dir", "experiment_name",
+                "train.device", "train.eval_batch_size", "train.fused_optimizer", "train.log_every",
+                "train.checkpoint_every", "train.keep_checkpoints", "train.save_adapter", "hydra")  # fmt: skip
+
+
+def run_settings(result: Mapping) -> dict[str, str]:
+    """A run's settings as ``{dotted key: JSON text}``: its ``config`` flattened, plus the entries of a
+    top-level ``protocol`` dict (as ``protocol.<key>``), without :data:`PER_RUN_KEYS`."""
+    settings = {}
+    for prefix, tree in (("", result.get("config")), ("protocol.", result.get("protocol"))):
+        for key, value in _flat_items(_as_dict(tree)):
+            if not any(key == k or key.startswith(k + ".") for k in PER_RUN_KEYS):
+                settings[prefix + key] = json.dumps(value, sort_keys=True)
+    return settings
+
+
+def _flat_items(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _as_dict(value: object) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def runs_not_included(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs whose status is not ``completed``: listed by the report, excluded from every number."""
-    columns = ["status", "task", "method", "budget_name", "seed", "error", "run_dir"]
-    return df.loc[df["status"] != "completed", columns].reset_index(drop=True)
+def runs_not_included(df: pd.DataFrame, which: Which = "best") -> pd.DataFrame:
+    """The runs that no number includes, with the reason: runs whose status is not ``completed``,
+    completed runs without a numeric score for the ``which`` checkpoint, runs without an integer seed,
+    and second copies of a seed (same task, method, budget, model and settings)."""
+    columns = ["status", "task", "method", "budget_name", "seed", "error", "run_dir", "reason"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    _, excluded = _split_included(df, which)
+    return excluded.reindex(columns=columns).reset_index(drop=True)
+
+
+def field_notes(df: pd.DataFrame) -> list[str]:
+    """One line per run with fields read as missing because they held something else."""
+    if df.empty or "field_problems" not in df:
+        return []
+    return [f"{run_dir}: {'; '.join(p)}" for run_dir, p in zip(df["run_dir"], df["field_problems"])
+            if isinstance(p, list) and p]  # fmt: skip
 
 
 def load_reference(path: str | os.PathLike = REFERENCE_CSV) -> pd.DataFrame:
@@ -191,6 +313,154 @@ def _aggregate(values: pd.Series, agg: Agg) -> tuple[float, float, int]:
     return float(values.mean()), float(values.std(ddof=1)), len(values)  # std is NaN for one seed
 
 
+# ----------------------------------------------------------------------------------------- included runs
+
+
+def included_runs(df: pd.DataFrame, which: Which = "best") -> pd.DataFrame:
+    """The runs every table, plot and comparison counts, one per (row, task, seed).
+
+    Completed runs with an integer seed and a numeric score (:func:`task_scores`) for the ``which``
+    checkpoint, with a second copy of a seed dropped (same model, method, budget, task, seed and
+    settings: the first by folder path is kept). Added columns: ``score``, ``variant`` (the settings
+    that split a method × budget into several rows, ``""`` when none) and ``row`` (the table's label,
+    prefixed by the model when there are several). :func:`runs_not_included` lists the rest.
+    """
+    return _split_included(df, which)[0]
+
+
+def _split_included(df: pd.DataFrame, which: Which) -> tuple[pd.DataFrame, pd.DataFrame]:
+    df = df.copy()
+    df["reason"] = None
+    incomplete = df["status"] != "completed"
+    df.loc[incomplete, "reason"] = [_incomplete_reason(run) for run in df[incomplete].itertuples()]
+    df["score"] = math.nan
+    done = ~incomplete
+    df.loc[done, "score"] = task_scores(df[done], which)
+    no_seed = done & df["seed"].isna()
+    df.loc[no_seed, "reason"] = "completed, but its seed is not an integer"
+    no_score = done & ~no_seed & df["score"].isna()
+    df.loc[no_score, "reason"] = [_score_problem(run, which) for _, run in df[no_score].iterrows()]
+    runs = df[df["reason"].isna()].sort_values("run_dir", kind="stable")
+    signature = runs["settings"].map(_signature)
+    key = [runs[c].astype(str) for c in ("model", "method", "budget_name", "task", "seed")] + [signature]
+    duplicate = pd.concat(key, axis=1).duplicated(keep="first")
+    if duplicate.any():
+        first = pd.concat(key, axis=1).assign(run_dir=runs["run_dir"]).drop_duplicates(
+            subset=list(range(len(key))), keep="first"
+        )
+        kept = {tuple(r[:-1]): r[-1] for r in first.itertuples(index=False)}
+        for index in runs.index[duplicate]:
+            original = kept[tuple(part.loc[index] for part in key)]
+            df.loc[index, "reason"] = (f"duplicate of {original} (same model, method, budget, task, seed "
+                                       "and settings): counted once, there")  # fmt: skip
+    runs = _with_rows(df[df["reason"].isna()].drop(columns="reason"))
+    excluded = df[df["reason"].notna()]
+    return runs, excluded
+
+
+def _incomplete_reason(run) -> str:
+    error = f": {run.error}" if isinstance(run.error, str) and run.error else ""
+    return f"{run.status}{error}"
+
+
+def _score_problem(run: pd.Series, which: Which) -> str:
+    """Why a completed run has no score: the metrics its score needs, and what they hold instead."""
+    task = run["task"]
+    if task in GLUE_TASK_SCORE:
+        keys = GLUE_TASK_SCORE[task]
+    elif _is_squad(run.to_frame().T).iloc[0]:
+        keys = ("f1",)
+    else:
+        keys = (run["main_metric"],) if isinstance(run["main_metric"], str) else ()
+    if not keys:
+        return "completed, but it names no main_metric"
+    problems = run["metric_problems"] if isinstance(run.get("metric_problems"), dict) else {}
+    found = []
+    for key in keys:
+        name = f"{which}.{key}"
+        if name in problems:
+            found.append(problems[name])
+        elif pd.isna(run.get(name, math.nan)):
+            found.append(problems.get(which) or f"{name} is missing")
+    return "completed, but " + "; ".join(dict.fromkeys(found))
+
+
+def _signature(settings: object) -> str:
+    return json.dumps(settings if isinstance(settings, dict) else {}, sort_keys=True)
+
+
+def _with_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add ``variant`` and ``row``. Within one model × method × budget, a setting that differs between
+    runs of the same task splits the runs into rows (``variant`` names it), so that seeds are never
+    averaged across settings; settings that only differ between tasks (per-task recipes) do not."""
+    runs = runs.assign(variant="", row="")
+    for _, group in runs.groupby(["model", "method", "budget_name"], dropna=False, sort=False):
+        settings = {i: s if isinstance(s, dict) else {} for i, s in group["settings"].items()}
+        split = set()
+        for _, cell in group.groupby("task"):
+            keys = set().union(*(settings[i] for i in cell.index))
+            split |= {k for k in keys if len({settings[i].get(k, "absent") for i in cell.index}) > 1}
+        if split:
+            for i in group.index:
+                runs.loc[i, "variant"] = " ".join(f"{k}={_plain(settings[i].get(k, 'absent'))}" for k in sorted(split))
+    for _, group in runs.groupby(["model", "method", "budget_name", "variant"], dropna=False, sort=False):
+        first = group.iloc[0]
+        params = group["adapter_params"].median()  # adapter counts can differ slightly between runs
+        # No rank target and no adapter (full fine-tuning): the row names no budget.
+        ranked = not (pd.isna(first["target_rank"]) and params == 0)
+        label = _row_label(first["method"], first["budget_name"], params, ranked)
+        runs.loc[group.index, "row"] = label + (f" [{first['variant']}]" if first["variant"] else "")
+    if runs["model"].astype(str).nunique() > 1:  # name the model only when several are present
+        runs["row"] = runs["model"].astype(str) + ": " + runs["row"]
+    return runs
+
+
+def _plain(value: str) -> str:
+    return value[1:-1] if value.startswith('"') and value.endswith('"') else value
+
+
+def settings_differences(runs: pd.DataFrame) -> list[str]:
+    """What differs between the rows of a table, one line per setting, e.g.
+    ``train.lr: 5e-05 (full (all weights)); 0.001 (lora r2 (0.08M), ...)``.
+
+    Compared per task (rows of one task column); a setting whose split between rows is the same in
+    every task is printed once, otherwise per task. ``method.*`` and ``budget.*`` settings are left
+    out: they are what makes a row that method and budget. ``runs`` is :func:`included_runs` output.
+    """
+    per_key: dict[str, dict[str, tuple]] = {}
+    for task, by_task in runs.groupby("task", sort=False):
+        values: dict[str, dict[str, str]] = {}
+        for row, cell in by_task.groupby("row", sort=False):
+            settings = cell["settings"].iloc[0] if isinstance(cell["settings"].iloc[0], dict) else {}
+            values[row] = settings
+        keys = sorted(set().union(*values.values())) if values else []
+        for key in keys:
+            if key.startswith(("method.", "budget.")):
+                continue
+            by_row = {row: _plain(s.get(key, "absent")) for row, s in values.items()}
+            if len(set(by_row.values())) > 1:
+                per_key.setdefault(key, {})[task] = tuple(sorted(by_row.items()))
+    lines, seen = [], {}
+    for key, by_task in per_key.items():
+        splits = set(by_task.values())
+        fingerprint = tuple(sorted(by_task.items()))
+        if key.startswith("protocol.") and fingerprint in seen.values():
+            continue  # the protocol restates a config setting: print it once
+        seen[key] = fingerprint
+        if len(splits) == 1:
+            lines.append(f"{key}: {_describe_split(next(iter(splits)))}")
+        else:
+            lines.append(f"{key}: " + " | ".join(f"{t}: {_describe_split(v)}" for t, v in by_task.items()))
+    return lines
+
+
+def _describe_split(by_row: tuple) -> str:
+    groups: dict[str, list[str]] = {}
+    for row, value in by_row:
+        groups.setdefault(value, []).append(row)
+    return "; ".join(f"{value} ({', '.join(rows)})" for value, rows in groups.items())
+
+
 # ----------------------------------------------------------------------------------------- summaries
 
 
@@ -210,12 +480,12 @@ def glue_summary(
     covers them all, a row missing one of them gets none, and paper rows are recomputed over the same
     tasks unless all 8 are there. ``attrs["notes"]`` explains the conventions.
     """
-    runs = _completed(df, GLUE_TASKS)
-    runs = runs.assign(score=task_scores(runs, which))
+    runs = _included(df, which)
+    runs = runs[runs["task"].isin(GLUE_TASKS)]
     records = _metric_records(runs, GLUE_COLUMNS, which, agg, scale=100.0)
     ours_tasks = {r["task"] for r in records}
     covered = [t for t in GLUE_TASKS if t in ours_tasks]
-    ave_header = "All Ave." if len(covered) == len(GLUE_TASKS) else f"Ave. ({len(covered)} tasks)"
+    ave_header = "All Ave." if len(covered) == len(GLUE_TASKS) else f"Ave. ({_count(len(covered), 'task')})"
     for _, group in _groups(runs):
         per_task = [_aggregate(group.loc[group["task"] == t, "score"], agg)[0] for t in covered]
         if covered and not any(math.isnan(v) for v in per_task):
@@ -225,7 +495,8 @@ def glue_summary(
         records += _glue_reference_records(load_reference(reference_path), covered, ave_header)
     summary = _summary_frame(records, [h for h, t, _ in GLUE_COLUMNS if t in covered] + [ave_header])
     value_word = "median over seeds" if agg == "median" else "mean ± sample std over seeds"
-    notes = [f"Cells: {value_word} of the {which} checkpoint's dev metric, ×100; n = seeds."]
+    notes = [f"Cells: {value_word} of the {which} checkpoint's dev metric (--which {_other(which)}: the "
+             f"{_other(which)} checkpoint's), ×100; n = seeds."]
     if covered:
         scope = "the 8 GLUE tasks" if len(covered) == len(GLUE_TASKS) else ", ".join(covered)
         notes.append(
@@ -237,8 +508,32 @@ def glue_summary(
             f"paper: rows are {REFERENCE_SOURCE} Table 1 (DeBERTaV3-base, mean of 5 seeds)"
             + ("." if len(covered) == len(GLUE_TASKS) else f"; their {ave_header} is recomputed over the same tasks.")
         )
+    notes += _difference_notes(runs)
     summary.attrs["notes"] = notes
     return summary
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _other(which: Which) -> str:
+    return "final" if which == "best" else "best"
+
+
+def _included(df: pd.DataFrame, which: Which) -> pd.DataFrame:
+    if df.empty:
+        return df.assign(score=pd.Series(dtype=float), variant="", row="")
+    return included_runs(df, which)
+
+
+def _difference_notes(runs: pd.DataFrame) -> list[str]:
+    if runs.empty:
+        return []
+    lines = settings_differences(runs)
+    if not lines:
+        return ["Settings: the rows' runs share every setting but the method's own (method.*, budget.*)."]
+    return ["Settings that differ between rows (besides method.* and budget.*): " + " · ".join(lines)]
 
 
 def squad_summary(
@@ -249,7 +544,8 @@ def squad_summary(
     reference_path: str | os.PathLike = REFERENCE_CSV,
 ) -> pd.DataFrame:
     """SQuAD EM/F1 per task in tidy form, same columns as :func:`glue_summary` (values already in %)."""
-    runs = df[(df["status"] == "completed") & _is_squad(df)]
+    runs = _included(df, which)
+    runs = runs[_is_squad(runs)] if len(runs) else runs
     tasks = sorted(runs["task"].unique())
     pairs = [("EM", "exact"), ("F1", "f1")]
     columns = [(f"{SQUAD_NAMES.get(t, t)} {label}", t, key) for t in tasks for label, key in pairs]
@@ -265,21 +561,20 @@ def squad_summary(
                     records.append(_paper_record(label, method, budget, group, header, task, key, hit.iloc[0]))
     summary = _summary_frame(records, [header for header, _, _ in columns])
     value_word = "median over seeds" if agg == "median" else "mean ± sample std over seeds"
-    notes = [f"Cells: {value_word} of the {which} checkpoint's EM / F1 (percent); n = seeds."]
+    notes = [f"Cells: {value_word} of the {which} checkpoint's EM / F1 (percent; --which {_other(which)}: the "
+             f"{_other(which)} checkpoint's); n = seeds."]
     if include_reference:
         notes.append(f"paper: rows are {REFERENCE_SOURCE} Table 2 (DeBERTaV3-base; budget as a fraction of 184M).")
+    notes += _difference_notes(runs)
     summary.attrs["notes"] = notes
     return summary
 
 
-def _completed(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    return df[(df["status"] == "completed") & df["task"].isin(tasks)]
-
-
 def _groups(runs: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
-    """Runs grouped by (model, method, budget), ordered by model, method, then adapter size."""
-    groups = list(runs.groupby(["model", "method", "budget_name"], dropna=False, sort=False))
-    return sorted(groups, key=lambda kv: (str(kv[0][0]), str(kv[0][1]), _nan_last(kv[1]["adapter_params"].median())))
+    """Runs grouped by table row, ordered by model, method, adapter size, then variant."""
+    groups = list(runs.groupby(["model", "method", "budget_name", "variant"], dropna=False, sort=False))
+    return sorted(groups, key=lambda kv: (str(kv[0][0]), str(kv[0][1]), _nan_last(kv[1]["adapter_params"].median()),
+                                          str(kv[0][3])))  # fmt: skip
 
 
 def _nan_last(x: float) -> float:
@@ -303,12 +598,9 @@ def _metric_records(runs: pd.DataFrame, columns: list[tuple], which: Which, agg:
 def _record(group: pd.DataFrame, column, task, metric, value, std, n) -> dict:
     """A cell of ours; ``group`` holds the runs of its row."""
     first = group.iloc[0]
-    # The label uses the median size: adapter counts can differ slightly between runs of a budget.
     params = group["adapter_params"].median()
     return {
-        # No rank target and no adapter (full fine-tuning): the row names no budget.
-        "row": _row_label(first["method"], first["budget_name"], params,
-                          ranked=not (pd.isna(first["target_rank"]) and params == 0)),
+        "row": first["row"],
         "source": "ours",
         "model": first["model"],
         "method": first["method"],
@@ -371,10 +663,6 @@ def _glue_reference_records(ref: pd.DataFrame, covered: list[str], ave_header: s
 def _summary_frame(records: list[dict], column_order: list[str]) -> pd.DataFrame:
     columns = ["row", "source", "model", "method", "budget_name", "adapter_params", "column", "task", "metric",
                "value", "std", "n"]  # fmt: skip
-    ours = [r for r in records if r["source"] == "ours"]
-    if len({r["model"] for r in ours}) > 1:  # name the model only when several share a table
-        for r in ours:
-            r["row"] = f"{r['model']}: {r['row']}"
     summary = pd.DataFrame(records, columns=columns)
     summary["n"] = summary["n"].astype("Int64")
     summary.attrs["column_order"] = [c for c in column_order if c in set(summary["column"])]
@@ -461,26 +749,31 @@ def _latex_escape(text: str) -> str:
 
 def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "mean") -> Figure:
     """One subplot per task: the task score (:func:`task_scores`) against adapter parameters,
-    one line per method, one point per budget (error bars: sample std over seeds for ``mean``)."""
-    runs = df[df["status"] == "completed"]
-    runs = runs.assign(score=task_scores(runs, which)).dropna(subset=["score"])
+    one line per model × method (× settings variant), one point per budget (error bars: sample std
+    over seeds for ``mean``). Points of different backbones are never joined: each model has its own
+    lines, labelled ``model: method`` when there are several."""
+    runs = _included(df, which)
     tasks = [t for t in GLUE_TASKS if t in set(runs["task"])] + sorted(set(runs["task"]) - set(GLUE_TASKS))
     ncols = max(1, min(4, len(tasks)))
     nrows = max(1, math.ceil(len(tasks) / ncols))
     fig = Figure(figsize=(4 * ncols, 3.2 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    # One colour and marker per method across all subplots, so a method is recognisable everywhere.
-    styles = {m: (f"C{i % 10}", "osD^vP*X"[i % 8]) for i, m in enumerate(sorted(runs["method"].unique()))}
+    several_models = runs["model"].astype(str).nunique() > 1
+    lines = ["model", "method", "variant"]
+    names = sorted({_line_name(key, several_models) for key, _ in runs.groupby(lines, dropna=False)})
+    # One colour and marker per line across all subplots, so a method is recognisable everywhere.
+    styles = {name: (f"C{i % 10}", "osD^vP*X"[i % 8]) for i, name in enumerate(names)}
     for ax, task in zip(axes, tasks):
-        for method, by_method in runs[runs["task"] == task].groupby("method"):
+        for key, by_line in runs[runs["task"] == task].groupby(lines, dropna=False):
             points = []
-            for _, budget_runs in by_method.groupby("budget_name", dropna=False):
+            for _, budget_runs in by_line.groupby("budget_name", dropna=False):
                 value, std, _ = _aggregate(budget_runs["score"], agg)
                 points.append((budget_runs["adapter_params"].median() / 1e6, value, std))
             x, y, err = map(np.array, zip(*sorted(points)))
-            color, marker = styles[method]
+            name = _line_name(key, several_models)
+            color, marker = styles[name]
             yerr = None if np.isnan(err).all() else err
-            ax.errorbar(x, y, yerr=yerr, color=color, marker=marker, capsize=3, label=method)
+            ax.errorbar(x, y, yerr=yerr, color=color, marker=marker, capsize=3, label=name)
         ax.set_title(PLOT_TITLES.get(task, task))
         ax.set_xlabel("adapter parameters (M)")
         ax.set_ylabel(f"{agg} over seeds, {which} ckpt (%)")
@@ -492,6 +785,12 @@ def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "m
         axes[0].set_visible(True)
         axes[0].text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=axes[0].transAxes)
     return fig
+
+
+def _line_name(key: tuple, several_models: bool) -> str:
+    model, method, variant = key
+    name = f"{model}: {method}" if several_models else str(method)
+    return f"{name} [{variant}]" if variant else name
 
 
 def rank_heatmap(ranks: Mapping | pd.Series, ax=None, title: str | None = None) -> Figure:
@@ -602,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty and not problems:
         print(f"no result.json under {', '.join(map(str, args.results))}", file=sys.stderr)
         return 1
+    if not df.empty:
+        print(_run_counts(df) + "\n")
     out = args.out or args.results[0]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -612,28 +913,43 @@ def main(argv: list[str] | None = None) -> int:
     summaries = {name: (title, summary) for name, (title, summary) in summaries.items() if not summary.empty}
     for name, (title, summary) in summaries.items():
         table = format_table(summary)
-        print(f"## {title}\n\n{to_markdown(table)}")
+        print(f"## {title} ({args.which} checkpoint)\n\n{to_markdown(table)}")
         render = {"md": lambda: to_markdown(table), "tex": lambda: to_latex(table),
                   "csv": lambda: summary.to_csv(index=False)}  # fmt: skip
         for fmt in args.format:
             _write_text(out / f"table_{name}.{fmt}", render[fmt]())
     written = [f"table_{name}.{fmt}" for name in summaries for fmt in args.format]
-    if (df["status"] == "completed").any():
+    if len(_included(df, args.which)):
         fig = plot_metric_vs_params(df, args.which, args.agg)
         _atomic_write(out / "metric_vs_params.png", lambda fh: fig.savefig(fh, format="png", dpi=120))
         written.append("metric_vs_params.png")
 
-    skipped = runs_not_included(df)
+    skipped = runs_not_included(df, args.which)
     if len(skipped) or problems:
-        print(f"## Not included ({len(skipped)} incomplete runs, {len(problems)} unreadable files)\n")
+        print(f"## Not included ({_count(len(skipped), 'run')}, {_count(len(problems), 'unreadable file')})\n")
         for run in skipped.itertuples(index=False):
-            error = f" — {run.error}" if isinstance(run.error, str) else ""
-            print(f"- {run.status}: {run.task} {run.method} {run.budget_name} seed={run.seed} ({run.run_dir}){error}")
+            print(f"- {run.status}: {run.task} {run.method} {run.budget_name} seed={_seed_text(run.seed)} "
+                  f"({run.run_dir}) — {run.reason}")
         for problem in problems:
             print(f"- unreadable: {problem['path']} — {problem['problem']}")
+    notes = field_notes(df)
+    if notes:
+        print("\n## Fields read as missing\n")
+        print("\n".join(f"- {note}" for note in notes))
     if written:
         print(f"\nwrote {', '.join(written)} to {out}")
     return 0
+
+
+def _seed_text(seed: object) -> str:
+    return "?" if pd.isna(seed) else f"{int(seed)}" if float(seed) == int(seed) else str(seed)
+
+
+def _run_counts(df: pd.DataFrame) -> str:
+    """``60 result.json files: 60 completed; methods: adalora (12), ...``: every job the folder holds."""
+    status = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
+    methods = ", ".join(f"{m} ({n})" for m, n in sorted(df["method"].value_counts().items()))
+    return f"{_count(len(df), 'result.json file')}: {status}; methods: {methods}"
 
 
 if __name__ == "__main__":
