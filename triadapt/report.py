@@ -895,7 +895,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="add the AdaLoRA paper's rows")
     parser.add_argument("--out", type=Path, help="output folder (default: the first RESULTS_DIR)")
     parser.add_argument("--format", type=_formats, default="md,tex,csv", help="comma list of md, tex, csv")
+    parser.add_argument("--compare", type=_pair, action="append", metavar="A,B",
+                        help="instead of the tables: is row A better than row B beyond seed noise, and which is "
+                             "more stable (methods or row labels as printed; repeatable); writes nothing")
+    parser.add_argument("--min-seeds", type=int, default=3, help="seeds per side below which --compare gives no "
+                        "verdict (default: 3)")
+    parser.add_argument("--collapse", type=float, default=0.9, help="a seed below this fraction of its row's best "
+                        "seed on a task counts as collapsed (default: 0.9)")
     args = parser.parse_args(argv)
+    if args.min_seeds < 2:
+        parser.error("--min-seeds must be at least 2")
+    if not 0 < args.collapse <= 1:
+        parser.error("--collapse must be in (0, 1]")
 
     df, problems = load_results(args.results)
     if df.empty and not problems:
@@ -903,6 +914,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not df.empty:
         print(_run_counts(df) + "\n")
+    if args.compare:
+        from triadapt import claims  # imports scipy: only when comparing
+
+        for a, b in args.compare:
+            try:
+                comparison = claims.compare(df, a, b, args.which, args.min_seeds, args.collapse)
+            except ValueError as e:
+                print(f"error: --compare {a},{b}: {e}", file=sys.stderr)
+                return 2
+            print(claims.format_comparison(comparison))
+        _print_not_included(df, args.which, problems)
+        return 0
     out = args.out or args.results[0]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -919,12 +942,37 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in args.format:
             _write_text(out / f"table_{name}.{fmt}", render[fmt]())
     written = [f"table_{name}.{fmt}" for name in summaries for fmt in args.format]
+    if summaries:
+        from triadapt import claims
+
+        table = claims.stability_table(df, args.which, args.collapse)
+        tidy = claims.stability(included_runs(df, args.which), args.collapse)
+        print(f"## Stability ({args.which} checkpoint)\n\n{to_markdown(table)}")
+        render = {"md": lambda: to_markdown(table), "tex": lambda: to_latex(table),
+                  "csv": lambda: tidy.to_csv(index=False)}  # fmt: skip
+        for fmt in args.format:
+            _write_text(out / f"table_stability.{fmt}", render[fmt]())
+        written += [f"table_stability.{fmt}" for fmt in args.format]
     if len(_included(df, args.which)):
         fig = plot_metric_vs_params(df, args.which, args.agg)
         _atomic_write(out / "metric_vs_params.png", lambda fh: fig.savefig(fh, format="png", dpi=120))
         written.append("metric_vs_params.png")
 
-    skipped = runs_not_included(df, args.which)
+    _print_not_included(df, args.which, problems)
+    if written:
+        print(f"\nwrote {', '.join(written)} to {out}")
+    return 0
+
+
+def _pair(value: str) -> tuple[str, str]:
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"--compare takes two rows as A,B, got {value!r}")
+    return parts[0], parts[1]
+
+
+def _print_not_included(df: pd.DataFrame, which: Which, problems: list[dict]) -> None:
+    skipped = runs_not_included(df, which)
     if len(skipped) or problems:
         print(f"## Not included ({_count(len(skipped), 'run')}, {_count(len(problems), 'unreadable file')})\n")
         for run in skipped.itertuples(index=False):
@@ -936,9 +984,6 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         print("\n## Fields read as missing\n")
         print("\n".join(f"- {note}" for note in notes))
-    if written:
-        print(f"\nwrote {', '.join(written)} to {out}")
-    return 0
 
 
 def _seed_text(seed: object) -> str:
