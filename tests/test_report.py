@@ -255,7 +255,7 @@ def test_cli_writes_all_formats_atomically(tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(FIXTURES), "--reference", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    expected = {f"table_{name}.{fmt}" for name in ("glue", "squad") for fmt in ("md", "tex", "csv")}
+    expected = {f"table_{name}.{fmt}" for name in ("glue", "squad", "stability") for fmt in ("md", "tex", "csv")}
     assert {p.name for p in out.iterdir()} == expected | {"metric_vs_params.png"}  # no temp files left
     assert "| lora r2 (0.33M) |" in printed and "paper: adalora (0.32M)" in printed
     assert "failed: mrpc lora r2 seed=4" in printed and "TrainingDiverged" in printed
@@ -267,7 +267,8 @@ def test_cli_writes_all_formats_atomically(tmp_path, capsys):
     assert (out / "table_glue.md").read_text().startswith("| method / budget |")
 
     assert report.main([str(FIXTURES), "--out", str(out / "md"), "--format", "md", "--which", "final"]) == 0
-    assert {p.name for p in (out / "md").iterdir()} == {"table_glue.md", "table_squad.md", "metric_vs_params.png"}
+    assert {p.name for p in (out / "md").iterdir()} == {"table_glue.md", "table_squad.md", "table_stability.md",
+                                                       "metric_vs_params.png"}  # fmt: skip
 
 
 def test_atomic_write_keeps_old_file_on_error(tmp_path):

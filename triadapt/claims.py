@@ -300,7 +300,8 @@ def _pooled_test(common: list[str], scores: dict, min_seeds: int, level: float) 
         diff, low, high, p, _ = difference_ci(d, np.zeros_like(d), True, level)
     else:
         diff, low, high, p = (float(d.mean()) if len(d) else math.nan), math.nan, math.nan, math.nan
-    out.update({"diff": diff, "low": low, "high": high, "p": p, "verdict": verdict(low, high, len(d) >= min_seeds)})
+    enough = len({s for _, s in pairs}) >= min_seeds  # many tasks do not make up for few seeds
+    out.update({"diff": diff, "low": low, "high": high, "p": p, "verdict": verdict(low, high, enough)})
     return out
 
 
