@@ -317,3 +317,187 @@ def test_notebook_executes(monkeypatch):
     assert any("| lora r2 (0.33M) |" in m for m in markdown)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1 + 4  # metric-vs-params + one heatmap per adaptive (task, method, budget)
+
+
+# ----------------------------------------------------------------------------------------- counting (#12)
+
+
+def run_result(task="mrpc", method="lora", seed=1, accuracy=0.8, model="m", budget="r2", config=None, **extra):
+    result = {"status": "completed", "error": None, "task": task, "task_group": "glue", "method": method,
+              "model": model, "seed": seed, "budget_name": budget, "main_metric": "accuracy",
+              "metrics": {"best": {"accuracy": accuracy}, "final": {"accuracy": accuracy}},
+              "budget": {"adapter_params": 1000, "target_rank": 2}, "config": config or {"seed": seed}}  # fmt: skip
+    result.update(extra)
+    return result
+
+
+def put(root, name, result):
+    (root / name).mkdir(parents=True)
+    (root / name / "result.json").write_text(json.dumps(result))
+
+
+def test_same_seed_in_two_folders_counts_once(tmp_path, capsys):
+    for seed in (1, 2):
+        put(tmp_path, f"sweep1/seed={seed}", run_result(seed=seed, accuracy=0.7 + seed / 10))
+    put(tmp_path, "sweep2/seed=1", run_result(seed=1, accuracy=0.8, config={"seed": 1, "paths": {"output_dir": "x"}}))
+    df, _ = report.load_results(tmp_path)
+    mrpc = cell(report.glue_summary(df), "lora r2 (0.00M)", "MRPC")
+    assert (mrpc["n"], mrpc["value"]) == (2, pytest.approx(85.0))
+    skipped = report.runs_not_included(df)
+    assert len(skipped) == 1 and Path(skipped.iloc[0]["run_dir"]).parts[-2:] == ("sweep2", "seed=1")
+    assert skipped.iloc[0]["reason"].startswith(f"duplicate of {tmp_path / 'sweep1' / 'seed=1'}")
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "duplicate of" in capsys.readouterr().out
+
+
+def test_completed_runs_without_a_numeric_metric_are_listed(tmp_path, capsys):
+    put(tmp_path, "ok", run_result(seed=1))
+    bad = {"null": None, "nan": float("nan"), "text": "high", "missing": "absent"}
+    for seed, (name, value) in enumerate(bad.items(), start=2):
+        result = run_result(seed=seed)
+        if value == "absent":
+            result["metrics"]["best"] = {"f1": 0.5}
+        else:
+            result["metrics"]["best"]["accuracy"] = value
+        if name == "null":
+            result["metrics"]["best"]["accuracy_reason"] = "constant predictions"
+        put(tmp_path, name, result)
+    df, problems = report.load_results(tmp_path)  # NaN is written by json.dumps as the non-standard NaN
+    assert not problems
+    reasons = dict(zip(report.runs_not_included(df)["run_dir"].map(lambda p: Path(p).name),
+                       report.runs_not_included(df)["reason"]))  # fmt: skip
+    assert reasons == {
+        "null": "completed, but best.accuracy is null: constant predictions",
+        "nan": "completed, but best.accuracy is NaN",
+        "text": "completed, but best.accuracy is not a number ('high')",
+        "missing": "completed, but best.accuracy is missing",
+    }
+    assert cell(report.glue_summary(df), "lora r2 (0.00M)", "MRPC")["n"] == 1
+    # --which final: those runs' final metrics are numbers, so they count there
+    assert cell(report.glue_summary(df, which="final"), "lora r2 (0.00M)", "MRPC")["n"] == 5
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "## Not included (4 runs, 0 unreadable files)" in out and "best.accuracy is null" in out
+
+
+BAD_VALUES = ["abc", [1, 2], {"a": 1}, None, True, float("nan"), 1e308, -1]
+
+
+@pytest.mark.parametrize("field", ["task_group", "model", "seed", "budget_name", "main_metric", "error",
+                                   "metrics", "metrics.best", "metrics.best_step", "budget", "budget.adapter_params",
+                                   "budget.target_rank", "budget.ranks", "timing", "timing.train_s", "config",
+                                   "config.train", "protocol", "task", "method", "status"])  # fmt: skip
+def test_one_odd_field_never_crashes_the_report(tmp_path, capsys, field):
+    for seed in (1, 2, 3):
+        put(tmp_path, f"good{seed}", run_result(seed=seed, timing={"train_s": 1.0}))
+    for i, value in enumerate(BAD_VALUES):
+        result = run_result(seed=10 + i, timing={"train_s": 1.0})
+        holder, key = (result, field) if "." not in field else (result[field.split(".")[0]], field.split(".")[1])
+        holder[key] = value
+        put(tmp_path, f"bad{i}", result)
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert report.main([str(tmp_path), "--compare", "lora,lora r2 (0.00M)"]) == 2  # the same row: refused
+    out = capsys.readouterr().out
+    assert "| lora r2" in out or "m: lora r2" in out or "lora r2" in out
+
+
+def test_odd_fields_are_named(tmp_path, capsys):
+    odd = run_result(seed="x")
+    odd["budget"]["adapter_params"] = "many"
+    put(tmp_path, "a", odd)
+    odd = run_result(seed=3)
+    odd["budget"]["adapter_params"] = "many"
+    put(tmp_path, "c", odd)
+    put(tmp_path, "b", run_result(seed="2"))  # a seed written as text is still a seed
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "completed, but its seed is not an integer" in out
+    assert "budget.adapter_params 'many' is not a number (read as missing)" in out
+    assert "| lora r2 (0.00M) | 80.00 ± 0.00 (n=2) |" in out  # seeds 2 and 3; the median size ignores 'many'
+    assert "budget.adapter_params 'many'" in out
+
+
+# ----------------------------------------------------------------------------------------- sweeps (#11)
+
+
+def test_average_over_one_task_is_singular(tmp_path):
+    put(tmp_path, "a", run_result())
+    assert report.glue_table(report.load_results(tmp_path)[0]).columns[-1] == "Ave. (1 task)"
+
+
+def test_sweep_folder_of_several_methods_lists_every_job(tmp_path, capsys):
+    sweep = tmp_path / "cpu_glue"
+    for i, method in enumerate(["lora", "adalora", "triadapt"]):
+        for seed in (1, 2):
+            put(sweep, f"method={method},seed={seed},task=glue-mrpc", run_result(method=method, seed=seed))
+            put(sweep, f"{i}/nested/method={method},seed={seed},task=glue-rte",
+                run_result(task="rte", method=method, seed=seed))
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "12 result.json files: 12 completed; methods: adalora (4), lora (4), triadapt (4)" in out
+    table = report.glue_table(report.load_results(sweep)[0])
+    assert sorted(table.index) == ["adalora r2 (0.00M)", "lora r2 (0.00M)", "triadapt r2 (0.00M)"]
+    assert (table["RTE"].str.endswith("(n=2)")).all() and (table["MRPC"].str.endswith("(n=2)")).all()
+
+
+# ----------------------------------------------------------------------------------------- settings (#13)
+
+
+def config(seed, lr=1e-3, epochs=2, eval_every=None, **per_run):
+    return {"seed": seed, "train": {"lr": lr, "epochs": epochs, "eval_every": eval_every, **per_run},
+            "method": {"name": "x", "r": 2}, "data": {"dir": f"/somewhere/{seed}", "max_train_samples": 1024}}
+
+
+def test_runs_with_different_settings_are_never_averaged(tmp_path, capsys):
+    # lora: seeds 1-2 at lr 1e-3 and seeds 3-4 at lr 5e-4 on both tasks; per-run keys differ freely
+    for seed in (1, 2, 3, 4):
+        lr = 1e-3 if seed <= 2 else 5e-4
+        for task in ("mrpc", "rte"):
+            cfg = config(seed, lr=lr, device=f"cuda:{seed}", log_every=seed)
+            put(tmp_path, f"lora-{task}-{seed}", run_result(task=task, seed=seed, accuracy=0.6 + seed / 100, config=cfg))
+    # adalora: another lr, evaluated every 100 steps, protocol recorded at top level
+    for seed in (1, 2):
+        for task in ("mrpc", "rte"):
+            put(tmp_path, f"adalora-{task}-{seed}", run_result(
+                task=task, method="adalora", seed=seed, config=config(seed, lr=5e-4, eval_every=100),
+                protocol={"eval_every": 100, "precision": "fp32"}))  # fmt: skip
+    df, _ = report.load_results(tmp_path)
+    s = report.glue_summary(df)
+    assert cell(s, "lora r2 (0.00M) [train.lr=0.001]", "MRPC")["value"] == pytest.approx(61.5)
+    assert cell(s, "lora r2 (0.00M) [train.lr=0.0005]", "MRPC")["value"] == pytest.approx(63.5)
+    assert cell(s, "lora r2 (0.00M) [train.lr=0.0005]", "MRPC")["n"] == 2
+    assert not (s["row"] == "lora r2 (0.00M)").any()
+    notes = " ".join(s.attrs["notes"])
+    assert "train.lr: 0.0005 (adalora r2 (0.00M), lora r2 (0.00M) [train.lr=0.0005]); 0.001 (lora r2" in notes
+    assert "train.eval_every: 100 (adalora r2 (0.00M)); null (lora r2" in notes
+    assert "protocol.precision: fp32 (adalora r2 (0.00M)); absent (lora" in notes
+    assert "protocol.eval_every" not in notes  # the same split as train.eval_every: printed once
+    assert "device" not in notes and "data.dir" not in notes and "method.r" not in notes
+    assert "best checkpoint" in notes and "--which final" in notes
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "Settings that differ between rows" in capsys.readouterr().out
+
+
+def test_per_task_recipes_do_not_split_rows(tmp_path):
+    for seed in (1, 2):
+        put(tmp_path, f"mrpc{seed}", run_result(seed=seed, config=config(seed, epochs=30)))
+        put(tmp_path, f"rte{seed}", run_result(task="rte", seed=seed, config=config(seed, epochs=50)))
+    table = report.glue_table(report.load_results(tmp_path)[0])
+    assert list(table.index) == ["lora r2 (0.00M)"]
+    assert table.loc["lora r2 (0.00M)", "MRPC"].endswith("(n=2)")
+
+
+def test_plot_never_joins_backbones(tmp_path):
+    for model, params in (("bert", 1000), ("deberta", 4000)):
+        for budget, scale in (("r2", 1), ("r8", 4)):
+            for seed in (1, 2):
+                result = run_result(model=model, seed=seed, budget=budget)
+                result["budget"]["adapter_params"] = params * scale
+                put(tmp_path, f"{model}-{budget}-{seed}", result)
+    df, _ = report.load_results(tmp_path)
+    ax = report.plot_metric_vs_params(df).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["bert: lora", "deberta: lora"]
+    xs = sorted(sorted(c.lines[0].get_xdata()) for c in ax.containers)  # one errorbar container per line
+    assert xs == [[0.001, 0.004], [0.004, 0.016]]  # each line holds one backbone's budgets
+    assert "bert: lora r2 (0.00M)" in report.glue_table(df).index

@@ -342,17 +342,15 @@ def _split_included(df: pd.DataFrame, which: Which) -> tuple[pd.DataFrame, pd.Da
     df.loc[no_score, "reason"] = [_score_problem(run, which) for _, run in df[no_score].iterrows()]
     runs = df[df["reason"].isna()].sort_values("run_dir", kind="stable")
     signature = runs["settings"].map(_signature)
-    key = [runs[c].astype(str) for c in ("model", "method", "budget_name", "task", "seed")] + [signature]
-    duplicate = pd.concat(key, axis=1).duplicated(keep="first")
-    if duplicate.any():
-        first = pd.concat(key, axis=1).assign(run_dir=runs["run_dir"]).drop_duplicates(
-            subset=list(range(len(key))), keep="first"
-        )
-        kept = {tuple(r[:-1]): r[-1] for r in first.itertuples(index=False)}
-        for index in runs.index[duplicate]:
-            original = kept[tuple(part.loc[index] for part in key)]
-            df.loc[index, "reason"] = (f"duplicate of {original} (same model, method, budget, task, seed "
-                                       "and settings): counted once, there")  # fmt: skip
+    parts = [runs[c].astype(str) for c in ("model", "method", "budget_name", "task", "seed")] + [signature]
+    keys = pd.Series(list(zip(*parts)), index=runs.index, dtype=object)
+    kept: dict[tuple, str] = {}
+    for index, key in keys.items():
+        if key in kept:
+            df.loc[index, "reason"] = (f"duplicate of {kept[key]} (same model, method, budget, task, seed and "
+                                       "settings): counted once, there")  # fmt: skip
+        else:
+            kept[key] = runs.loc[index, "run_dir"]
     runs = _with_rows(df[df["reason"].isna()].drop(columns="reason"))
     excluded = df[df["reason"].notna()]
     return runs, excluded
@@ -410,9 +408,14 @@ def _with_rows(runs: pd.DataFrame) -> pd.DataFrame:
         ranked = not (pd.isna(first["target_rank"]) and params == 0)
         label = _row_label(first["method"], first["budget_name"], params, ranked)
         runs.loc[group.index, "row"] = label + (f" [{first['variant']}]" if first["variant"] else "")
-    if runs["model"].astype(str).nunique() > 1:  # name the model only when several are present
-        runs["row"] = runs["model"].astype(str) + ": " + runs["row"]
+    models = runs["model"].map(_model_name)
+    if models.nunique() > 1:  # name the model only when several are present
+        runs["row"] = models + ": " + runs["row"]
     return runs
+
+
+def _model_name(model: object) -> str:
+    return "(no model)" if pd.isna(model) else str(model)
 
 
 def _plain(value: str) -> str:
@@ -440,18 +443,27 @@ def settings_differences(runs: pd.DataFrame) -> list[str]:
             by_row = {row: _plain(s.get(key, "absent")) for row, s in values.items()}
             if len(set(by_row.values())) > 1:
                 per_key.setdefault(key, {})[task] = tuple(sorted(by_row.items()))
-    lines, seen = [], {}
-    for key, by_task in per_key.items():
+    lines, seen = [], set()
+    for key, by_task in sorted(per_key.items(), key=lambda kv: kv[0].startswith("protocol.")):
         splits = set(by_task.values())
-        fingerprint = tuple(sorted(by_task.items()))
-        if key.startswith("protocol.") and fingerprint in seen.values():
-            continue  # the protocol restates a config setting: print it once
-        seen[key] = fingerprint
+        # which rows go together, per task: a protocol entry that splits the rows as a config setting
+        # of the same name does restates it, and is printed once
+        partition = (key.rsplit(".", 1)[-1], tuple(sorted((t, _partition(v)) for t, v in by_task.items())))
+        if key.startswith("protocol.") and partition in seen:
+            continue
+        seen.add(partition)
         if len(splits) == 1:
             lines.append(f"{key}: {_describe_split(next(iter(splits)))}")
         else:
             lines.append(f"{key}: " + " | ".join(f"{t}: {_describe_split(v)}" for t, v in by_task.items()))
     return lines
+
+
+def _partition(by_row: tuple) -> tuple:
+    groups: dict[str, list[str]] = {}
+    for row, value in by_row:
+        groups.setdefault(value, []).append(row)
+    return tuple(sorted(tuple(rows) for rows in groups.values()))
 
 
 def _describe_split(by_row: tuple) -> str:
@@ -528,7 +540,7 @@ def _included(df: pd.DataFrame, which: Which) -> pd.DataFrame:
 
 
 def _difference_notes(runs: pd.DataFrame) -> list[str]:
-    if runs.empty:
+    if runs["row"].nunique() < 2:
         return []
     lines = settings_differences(runs)
     if not lines:
@@ -758,7 +770,7 @@ def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "m
     nrows = max(1, math.ceil(len(tasks) / ncols))
     fig = Figure(figsize=(4 * ncols, 3.2 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    several_models = runs["model"].astype(str).nunique() > 1
+    several_models = runs["model"].map(_model_name).nunique() > 1
     lines = ["model", "method", "variant"]
     names = sorted({_line_name(key, several_models) for key, _ in runs.groupby(lines, dropna=False)})
     # One colour and marker per line across all subplots, so a method is recognisable everywhere.
@@ -789,7 +801,7 @@ def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "m
 
 def _line_name(key: tuple, several_models: bool) -> str:
     model, method, variant = key
-    name = f"{model}: {method}" if several_models else str(method)
+    name = f"{_model_name(model)}: {method}" if several_models else str(method)
     return f"{name} [{variant}]" if variant else name
 
 
