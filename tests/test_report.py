@@ -307,6 +307,7 @@ def test_notebook_executes(monkeypatch):
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
     monkeypatch.setenv("TRIADAPT_RESULTS", str(FIXTURES))
+    monkeypatch.setenv("TRIADAPT_COMPARE", "lora,adalora")
     # The kernel inherits the environment; make triadapt importable without an install.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     resources = {"metadata": {"path": str(path.parent)}}  # run from notebooks/, as Jupyter would
@@ -316,7 +317,10 @@ def test_notebook_executes(monkeypatch):
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert any("| lora r2 (0.33M) |" in m for m in markdown)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 1 + 4  # metric-vs-params + one heatmap per adaptive (task, method, budget)
+    assert any("## Compare A = lora r2 (0.33M) vs B = adalora r2 (0.32M)" in m for m in markdown)
+    assert any("std 5.03 · range 10.00 · collapsed 1/3" in m for m in markdown)  # lora MRPC 80/84/90
+    # metric-vs-params + the comparison + one heatmap per adaptive (task, method, budget)
+    assert len(images) == 1 + 1 + 4
 
 
 # ----------------------------------------------------------------------------------------- counting (#12)
