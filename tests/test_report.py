@@ -434,8 +434,11 @@ def test_sweep_folder_of_several_methods_lists_every_job(tmp_path, capsys):
     for i, method in enumerate(["lora", "adalora", "triadapt"]):
         for seed in (1, 2):
             put(sweep, f"method={method},seed={seed},task=glue-mrpc", run_result(method=method, seed=seed))
-            put(sweep, f"{i}/nested/method={method},seed={seed},task=glue-rte",
-                run_result(task="rte", method=method, seed=seed))
+            put(
+                sweep,
+                f"{i}/nested/method={method},seed={seed},task=glue-rte",
+                run_result(task="rte", method=method, seed=seed),
+            )
     assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "12 result.json files: 12 completed; methods: adalora (4), lora (4), triadapt (4)" in out
@@ -448,8 +451,12 @@ def test_sweep_folder_of_several_methods_lists_every_job(tmp_path, capsys):
 
 
 def config(seed, lr=1e-3, epochs=2, eval_every=None, **per_run):
-    return {"seed": seed, "train": {"lr": lr, "epochs": epochs, "eval_every": eval_every, **per_run},
-            "method": {"name": "x", "r": 2}, "data": {"dir": f"/somewhere/{seed}", "max_train_samples": 1024}}
+    return {
+        "seed": seed,
+        "train": {"lr": lr, "epochs": epochs, "eval_every": eval_every, **per_run},
+        "method": {"name": "x", "r": 2},
+        "data": {"dir": f"/somewhere/{seed}", "max_train_samples": 1024},
+    }
 
 
 def test_runs_with_different_settings_are_never_averaged(tmp_path, capsys):
@@ -458,7 +465,11 @@ def test_runs_with_different_settings_are_never_averaged(tmp_path, capsys):
         lr = 1e-3 if seed <= 2 else 5e-4
         for task in ("mrpc", "rte"):
             cfg = config(seed, lr=lr, device=f"cuda:{seed}", log_every=seed)
-            put(tmp_path, f"lora-{task}-{seed}", run_result(task=task, seed=seed, accuracy=0.6 + seed / 100, config=cfg))
+            put(
+                tmp_path,
+                f"lora-{task}-{seed}",
+                run_result(task=task, seed=seed, accuracy=0.6 + seed / 100, config=cfg),
+            )
     # adalora: another lr, evaluated every 100 steps, protocol recorded at top level
     for seed in (1, 2):
         for task in ("mrpc", "rte"):

@@ -124,9 +124,11 @@ def stability_table(df: pd.DataFrame, which: report.Which = "best", collapse: fl
                        columns=[report.PLOT_TITLES.get(t, t) for t in tasks])  # fmt: skip
     out.index.name = "method / budget"
     out.attrs["notes"] = [
-        f"Stability of the {which} checkpoint's score (×100, the table's task score) over seeds: sample std, "
-        f"range (max − min), and collapsed seeds: below {collapse:g} × the row's own best seed on that task "
-        "(– where the best seed is not above 0)."
+        (
+            f"Stability of the {which} checkpoint's score (×100, the table's task score) over seeds: sample std, "
+            f"range (max − min), and collapsed seeds: below {collapse:g} × the row's own best seed on that task "
+            "(– where the best seed is not above 0)."
+        )
     ]
     return out
 
@@ -248,8 +250,8 @@ def _average_difference(glue: list[dict], scores: dict, min_seeds: int, level: f
     mean_b = float(np.mean([r["mean_b"] for r in glue]))
     seed_sets = {frozenset(scores["A"][t]) for t in tasks} | {frozenset(scores["B"][t]) for t in tasks}
     enough = all(min(r["n_a"], r["n_b"]) >= min_seeds for r in glue)
-    record = {"task": "average", "column": header, "mean_a": mean_a, "mean_b": mean_b, "n_a": min(r["n_a"] for r in glue),
-              "n_b": min(r["n_b"] for r in glue)}  # fmt: skip
+    record = {"task": "average", "column": header, "mean_a": mean_a, "mean_b": mean_b,
+              "n_a": min(r["n_a"] for r in glue), "n_b": min(r["n_b"] for r in glue)}  # fmt: skip
     if len(seed_sets) == 1:  # every task ran the same seeds on both sides: pair the per-seed averages
         seeds = sorted(next(iter(seed_sets)))
         per_seed_a = [np.mean([scores["A"][t][s] for t in tasks]) for s in seeds]
@@ -314,8 +316,8 @@ def _stability_comparison(common: list[str], scores: dict, collapse: float, min_
         for side, x in (("a", xa), ("b", xb)):
             best = x.max()
             k = int((x < collapse * best).sum()) if best > 0 else math.nan
-            record.update({f"std_{side}": x.std(ddof=1) if len(x) > 1 else math.nan, f"range_{side}": x.max() - x.min(),
-                           f"collapsed_{side}": k})  # fmt: skip
+            record.update({f"std_{side}": x.std(ddof=1) if len(x) > 1 else math.nan,
+                           f"range_{side}": x.max() - x.min(), f"collapsed_{side}": k})  # fmt: skip
             if not math.isnan(k):
                 collapsed[side.upper()][0] += k
                 collapsed[side.upper()][1] += len(x)
@@ -376,33 +378,35 @@ def format_comparison(c: Comparison) -> str:
     if q["pairs"]:
         ci = "–" if math.isnan(q["low"]) else f"[{q['low']:+.2f}, {q['high']:+.2f}]"
         p = "–" if math.isnan(q["p"]) else f"{q['p']:.3f}"
-        lines += ["", f"Across tasks: paired t-test over {q['pairs']} (task, seed) pairs from {q['tasks']} tasks: "
-                  f"mean A − B {q['diff']:+.2f}, {pct} CI {ci}, p = {p}; A ahead in {q['a_ahead']}, B in "
-                  f"{q['b_ahead']}: **{q['verdict']}**."]  # fmt: skip
+        lines += ["", (f"Across tasks: paired t-test over {q['pairs']} (task, seed) pairs from {q['tasks']} tasks: "
+                       f"mean A − B {q['diff']:+.2f}, {pct} CI {ci}, p = {p}; A ahead in {q['a_ahead']}, B in "
+                       f"{q['b_ahead']}: **{q['verdict']}**.")]  # fmt: skip
     else:
         lines += ["", "Across tasks: no (task, seed) pair that both ran."]
-    lines += ["", "| task | std A | std B | range A | range B | collapsed A | collapsed B | var A / var B | p | "
-              "more stable |", "|" + "---|" * 10]  # fmt: skip
+    header = (
+        "| task | std A | std B | range A | range B | collapsed A | collapsed B | var A / var B | p | more stable |"
+    )
+    lines += ["", header, "|" + "---|" * 10]
     for r in c.stability.itertuples(index=False):
         lines.append(f"| {r.column} | {_num(r.std_a)} | {_num(r.std_b)} | {r.range_a:.2f} | {r.range_b:.2f} | "
                      f"{_frac(r.collapsed_a, r.n_a)} | {_frac(r.collapsed_b, r.n_b)} | {_num(r.var_ratio)} | "
                      f"{_num(r.p, 3)} | **{r.verdict}** |")  # fmt: skip
     o = c.stability_overall
     (ka, na), (kb, nb) = o["collapsed_a"], o["collapsed_b"]
-    lines += ["", f"Stability across tasks: variance ratios over {o['tasks']} tasks (Fisher's combination, "
-              f"both directions) p = {_num(o['p'], 3)}: **{o['verdict']}**; collapsed seeds A {ka}/{na}, "
-              f"B {kb}/{nb} (Fisher's exact test p = {_num(o['collapsed_p'], 3)})."]  # fmt: skip
+    lines += ["", (f"Stability across tasks: variance ratios over {o['tasks']} tasks (Fisher's combination, "
+                   f"both directions) p = {_num(o['p'], 3)}: **{o['verdict']}**; collapsed seeds A {ka}/{na}, "
+                   f"B {kb}/{nb} (Fisher's exact test p = {_num(o['collapsed_p'], 3)}).")]  # fmt: skip
     if c.only.get("A") or c.only.get("B"):
         lines += ["", "Not compared (one side only): " + "; ".join(
             f"{side} only: {', '.join(tasks)}" for side, tasks in c.only.items() if tasks)]  # fmt: skip
     lines += ["", "Settings that differ between A and B (besides method.* and budget.*): "
               + (" · ".join(c.settings) if c.settings else "none.")]  # fmt: skip
-    lines += ["", f"- Scores ×100 as in the table (GLUE: the paper's per-task convention). CI: {CI_METHOD}, "
-              f"{pct}. Verdict: \"A better\" / \"B better\" when the interval excludes 0, else \"within seed "
-              f"noise\"; a true difference of 0 is called a difference in {1 - c.level:.0%} of comparisons.",
+    lines += ["", (f"- Scores ×100 as in the table (GLUE: the paper's per-task convention). CI: {CI_METHOD}, "
+                   f"{pct}. Verdict: \"A better\" / \"B better\" when the interval excludes 0, else \"within seed "
+                   f"noise\"; a true difference of 0 is called a difference in {1 - c.level:.0%} of comparisons."),
               f"- Minimum seeds per claim: {c.min_seeds} on each side (--min-seeds); fewer: \"not enough seeds\".",
-              f"- Collapsed seed: below {c.collapse:g} × the row's own best seed on that task. More stable: "
-              "two-sided variance-ratio F test at 5% (assumes normal scores)."]  # fmt: skip
+              (f"- Collapsed seed: below {c.collapse:g} × the row's own best seed on that task. More stable: "
+               "two-sided variance-ratio F test at 5% (assumes normal scores).")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -212,7 +212,12 @@ def _number(value: object, name: str, problems: list[str]) -> float:
 def _seed(value: object, problems: list[str]) -> float:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value == int(value):
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value == int(value)
+    ):
         return float(value)
     problems.append(f"seed {_short(value)} is not an integer")
     return math.nan
@@ -507,8 +512,12 @@ def glue_summary(
         records += _glue_reference_records(load_reference(reference_path), covered, ave_header)
     summary = _summary_frame(records, [h for h, t, _ in GLUE_COLUMNS if t in covered] + [ave_header])
     value_word = "median over seeds" if agg == "median" else "mean ± sample std over seeds"
-    notes = [f"Cells: {value_word} of the {which} checkpoint's dev metric (--which {_other(which)}: the "
-             f"{_other(which)} checkpoint's), ×100; n = seeds."]
+    notes = [
+        (
+            f"Cells: {value_word} of the {which} checkpoint's dev metric (--which {_other(which)}: the "
+            f"{_other(which)} checkpoint's), ×100; n = seeds."
+        )
+    ]
     if covered:
         scope = "the 8 GLUE tasks" if len(covered) == len(GLUE_TASKS) else ", ".join(covered)
         notes.append(
@@ -573,8 +582,12 @@ def squad_summary(
                     records.append(_paper_record(label, method, budget, group, header, task, key, hit.iloc[0]))
     summary = _summary_frame(records, [header for header, _, _ in columns])
     value_word = "median over seeds" if agg == "median" else "mean ± sample std over seeds"
-    notes = [f"Cells: {value_word} of the {which} checkpoint's EM / F1 (percent; --which {_other(which)}: the "
-             f"{_other(which)} checkpoint's); n = seeds."]
+    notes = [
+        (
+            f"Cells: {value_word} of the {which} checkpoint's EM / F1 (percent; --which {_other(which)}: the "
+            f"{_other(which)} checkpoint's); n = seeds."
+        )
+    ]
     if include_reference:
         notes.append(f"paper: rows are {REFERENCE_SOURCE} Table 2 (DeBERTaV3-base; budget as a fraction of 184M).")
     notes += _difference_notes(runs)
@@ -907,13 +920,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="add the AdaLoRA paper's rows")
     parser.add_argument("--out", type=Path, help="output folder (default: the first RESULTS_DIR)")
     parser.add_argument("--format", type=_formats, default="md,tex,csv", help="comma list of md, tex, csv")
-    parser.add_argument("--compare", type=_pair, action="append", metavar="A,B",
-                        help="instead of the tables: is row A better than row B beyond seed noise, and which is "
-                             "more stable (methods or row labels as printed; repeatable); writes nothing")
-    parser.add_argument("--min-seeds", type=int, default=3, help="seeds per side below which --compare gives no "
-                        "verdict (default: 3)")
-    parser.add_argument("--collapse", type=float, default=0.9, help="a seed below this fraction of its row's best "
-                        "seed on a task counts as collapsed (default: 0.9)")
+    parser.add_argument(
+        "--compare",
+        type=_pair,
+        action="append",
+        metavar="A,B",
+        help="instead of the tables: is row A better than row B beyond seed noise, and which is "
+        "more stable (methods or row labels as printed; repeatable); writes nothing",
+    )
+    parser.add_argument(
+        "--min-seeds", type=int, default=3, help="seeds per side below which --compare gives no verdict (default: 3)"
+    )
+    parser.add_argument(
+        "--collapse",
+        type=float,
+        default=0.9,
+        help="a seed below this fraction of its row's best seed on a task counts as collapsed (default: 0.9)",
+    )
     args = parser.parse_args(argv)
     if args.min_seeds < 2:
         parser.error("--min-seeds must be at least 2")
@@ -988,8 +1011,10 @@ def _print_not_included(df: pd.DataFrame, which: Which, problems: list[dict]) ->
     if len(skipped) or problems:
         print(f"## Not included ({_count(len(skipped), 'run')}, {_count(len(problems), 'unreadable file')})\n")
         for run in skipped.itertuples(index=False):
-            print(f"- {run.status}: {run.task} {run.method} {run.budget_name} seed={_seed_text(run.seed)} "
-                  f"({run.run_dir}) — {run.reason}")
+            print(
+                f"- {run.status}: {run.task} {run.method} {run.budget_name} seed={_seed_text(run.seed)} "
+                f"({run.run_dir}) — {run.reason}"
+            )
         for problem in problems:
             print(f"- unreadable: {problem['path']} — {problem['problem']}")
     notes = field_notes(df)
