@@ -77,7 +77,7 @@ def test_zero_difference_through_the_report(tmp_path):
         verdicts += list(claims.compare(df, "a", "b").differences["verdict"])
     wrong = sum(v != "within seed noise" for v in verdicts) / len(verdicts)
     assert set(verdicts) <= {"within seed noise", "A better", "B better"}
-    assert wrong <= 0.11  # 5% expected; 240 verdicts (tasks of a set independent)
+    assert 0.01 <= wrong <= 0.11, wrong  # 5% expected; 240 verdicts (tasks of a set independent)
 
 
 def test_unequal_seed_sets_are_unpaired_and_labelled(tmp_path):

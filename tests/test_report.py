@@ -411,6 +411,7 @@ def test_odd_fields_are_named(tmp_path, capsys):
     put(tmp_path, "a", odd)
     odd = run_result(seed=3)
     odd["budget"]["adapter_params"] = "many"
+    odd["budget"]["ranks"] = {"layer.0.output.dense": "x", "layer.1.output.dense": 2}
     put(tmp_path, "c", odd)
     put(tmp_path, "b", run_result(seed="2"))  # a seed written as text is still a seed
     assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
@@ -418,7 +419,11 @@ def test_odd_fields_are_named(tmp_path, capsys):
     assert "completed, but its seed is not an integer" in out
     assert "budget.adapter_params 'many' is not a number (read as missing)" in out
     assert "| lora r2 (0.00M) | 80.00 ± 0.00 (n=2) |" in out  # seeds 2 and 3; the median size ignores 'many'
-    assert "budget.adapter_params 'many'" in out
+    assert "budget.adapter_params 'many'" in out and "budget.ranks: 1 ranks are not numbers (left out)" in out
+    df, _ = report.load_results(tmp_path)
+    ranks = df.loc[df["seed"] == 3, "ranks"].iloc[0]
+    assert ranks == {"layer.1.output.dense": 2}
+    assert report.rank_heatmap(ranks).axes[0].images[0].get_array().shape == (1, 1)
 
 
 # ----------------------------------------------------------------------------------------- sweeps (#11)

@@ -145,7 +145,7 @@ def _flatten(result: object, file: Path) -> dict:
         **{key: _number(timing.get(key), f"timing.{key}", field_problems)
            for key in ("train_s", "steps", "step_s_median", "peak_mem_mb")},
         "run_dir": str(file.parent),
-        "ranks": budget.get("ranks") if isinstance(budget.get("ranks"), dict) else None,
+        "ranks": _ranks(budget.get("ranks"), field_problems),
         "settings": run_settings(result),
     }  # fmt: skip
     metric_problems = {}
@@ -157,13 +157,26 @@ def _flatten(result: object, file: Path) -> dict:
             name = f"{which}.{key}"
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 row[name] = float(value)
-            elif not key.endswith("reason") and not isinstance(value, (dict, list)):
+            elif "reason" not in key and not isinstance(value, (dict, list)):
                 what = "null" if value is None else "NaN" if _is_nan(value) else f"not a number ({_short(value)})"
                 reason = _metric_reason(metrics, which, key)
                 metric_problems[name] = f"{name} is {what}" + (f": {reason}" if reason else "")
     row["field_problems"] = field_problems
     row["metric_problems"] = metric_problems
     return row
+
+
+def _ranks(ranks: object, problems: list[str]) -> dict | None:
+    """``budget.ranks`` as ``{module: rank}``; a non-numeric rank is dropped and named."""
+    if ranks is None:
+        return None
+    if not isinstance(ranks, dict):
+        problems.append(f"budget.ranks {_short(ranks)} is not an object (read as missing)")
+        return None
+    good = {str(k): v for k, v in ranks.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if len(good) < len(ranks):
+        problems.append(f"budget.ranks: {len(ranks) - len(good)} ranks are not numbers (left out)")
+    return good
 
 
 def _is_nan(value: object) -> bool:
@@ -177,10 +190,11 @@ def _short(value: object) -> str:
 
 def _metric_reason(metrics: dict, which: str, key: str) -> str | None:
     """The reason a run recorded for a missing metric, wherever it put it: ``<key>_reason`` beside the
-    value, or a ``reasons``/``null_reasons``-style dict (keyed by metric) in ``metrics`` or ``metrics[which]``."""
+    value, or a ``reasons``/``null_reasons``/``notes``-style dict (keyed by metric) in ``metrics`` or
+    ``metrics[which]``."""
     for holder in (_as_dict(metrics.get(which)), metrics):
         for name, value in holder.items():
-            if "reason" not in str(name):
+            if "reason" not in str(name) and "note" not in str(name):
                 continue
             if isinstance(value, str) and name in (f"{key}_reason", f"{key}.reason"):
                 return value
