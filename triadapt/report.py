@@ -465,8 +465,8 @@ def settings_differences(runs: pd.DataFrame) -> list[str]:
     lines, seen = [], set()
     for key, by_task in sorted(per_key.items(), key=lambda kv: kv[0].startswith("protocol.")):
         splits = set(by_task.values())
-        # which rows go together, per task: a protocol entry that splits the rows as a config setting
-        # of the same name does restates it, and is printed once
+        # A protocol entry that groups the rows as the config setting of the same name does restates
+        # that setting: printed once.
         partition = (key.rsplit(".", 1)[-1], tuple(sorted((t, _partition(v)) for t, v in by_task.items())))
         if key.startswith("protocol.") and partition in seen:
             continue
