@@ -24,6 +24,7 @@ from triadapt.methods.core import (
     DiagonalCore,
     adapted_layers,
     find_target_linears,
+    fp32_statistics,
     optimizer_group,
     orthogonal_regulariser,
     replace_module,
@@ -192,22 +193,23 @@ class AdaLoRA(Method):
         names, params, ipts, uncs = [], [], [], []
         for name, layer in self.layers:
             triplet = self._triplet_params(layer)
-            if name not in self.ema_ipt:
-                self.ema_ipt[name] = [torch.zeros_like(p) for p in triplet]
-                self.ema_unc[name] = [torch.zeros_like(p) for p in triplet]
+            if name not in self.ema_ipt:  # fp32 whatever the parameters' dtype
+                self.ema_ipt[name] = [torch.zeros_like(p, dtype=torch.float32) for p in triplet]
+                self.ema_unc[name] = [torch.zeros_like(p, dtype=torch.float32) for p in triplet]
             names.append(name)
             params += triplet
             ipts += self.ema_ipt[name]
             uncs += self.ema_unc[name]
-        ipt = torch._foreach_mul(params, [p.grad for p in params])
-        torch._foreach_abs_(ipt)
-        new_ipt = torch._foreach_mul(ipts, b1)
-        torch._foreach_add_(new_ipt, torch._foreach_mul(ipt, 1 - b1))
-        dev = torch._foreach_sub(ipt, new_ipt)
-        torch._foreach_abs_(dev)
-        torch._foreach_mul_(dev, 1 - b2)
-        new_unc = torch._foreach_mul(uncs, b2)
-        torch._foreach_add_(new_unc, dev)
+        with fp32_statistics():  # .float() is the tensor itself for fp32 parameters: no copies
+            ipt = torch._foreach_mul([p.float() for p in params], [p.grad.float() for p in params])
+            torch._foreach_abs_(ipt)
+            new_ipt = torch._foreach_mul(ipts, b1)
+            torch._foreach_add_(new_ipt, torch._foreach_mul(ipt, 1 - b1))
+            dev = torch._foreach_sub(ipt, new_ipt)
+            torch._foreach_abs_(dev)
+            torch._foreach_mul_(dev, 1 - b2)
+            new_unc = torch._foreach_mul(uncs, b2)
+            torch._foreach_add_(new_unc, dev)
         for i, name in enumerate(names):
             self.ema_ipt[name] = new_ipt[3 * i : 3 * i + 3]
             self.ema_unc[name] = new_unc[3 * i : 3 * i + 3]
