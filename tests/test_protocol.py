@@ -280,7 +280,7 @@ def _method_copy_importance(method, autocast: bool) -> dict:
 
 
 def test_triadapt_growth_score_under_autocast_is_the_fp32_one():
-    method, model = _method("triadapt", init_rank=3)
+    method, _ = _method("triadapt", init_rank=3)
     prev = dict(method.prev_norm)
     ref = method._scores()
     method.prev_norm = dict(prev)
