@@ -23,6 +23,7 @@ from triadapt.methods.core import (
     AdaptedLinear,
     DiagonalCore,
     adapted_layers,
+    at_least_fp32,
     find_target_linears,
     fp32_statistics,
     optimizer_group,
@@ -193,15 +194,15 @@ class AdaLoRA(Method):
         names, params, ipts, uncs = [], [], [], []
         for name, layer in self.layers:
             triplet = self._triplet_params(layer)
-            if name not in self.ema_ipt:  # fp32 whatever the parameters' dtype
-                self.ema_ipt[name] = [torch.zeros_like(p, dtype=torch.float32) for p in triplet]
-                self.ema_unc[name] = [torch.zeros_like(p, dtype=torch.float32) for p in triplet]
+            if name not in self.ema_ipt:  # at least fp32 whatever the parameters' dtype
+                self.ema_ipt[name] = [at_least_fp32(torch.zeros_like(p)) for p in triplet]
+                self.ema_unc[name] = [at_least_fp32(torch.zeros_like(p)) for p in triplet]
             names.append(name)
             params += triplet
             ipts += self.ema_ipt[name]
             uncs += self.ema_unc[name]
-        with fp32_statistics():  # .float() is the tensor itself for fp32 parameters: no copies
-            ipt = torch._foreach_mul([p.float() for p in params], [p.grad.float() for p in params])
+        with fp32_statistics():  # no copies for fp32 parameters
+            ipt = torch._foreach_mul([at_least_fp32(p) for p in params], [at_least_fp32(p.grad) for p in params])
             torch._foreach_abs_(ipt)
             new_ipt = torch._foreach_mul(ipts, b1)
             torch._foreach_add_(new_ipt, torch._foreach_mul(ipt, 1 - b1))

@@ -45,6 +45,11 @@ def fp32_statistics():
         yield
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when it is in a lower precision (fp64 stays fp64); no copy when already there."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class _Cache:
     """One cached value keyed by parameter versions; dropped by deepcopy and pickling (it may hold
     non-leaf tensors of the current autograd graph)."""
@@ -489,10 +494,10 @@ class AdaptedLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · B · core · A (d_out × d_in), in fp32. For scores and merging only."""
         if not self.rank:
-            return self.base.weight.new_zeros(self.out_features, self.in_features, dtype=torch.float32)
+            return at_least_fp32(self.base.weight.new_zeros(self.out_features, self.in_features))
         with fp32_statistics():
-            a = self.A().float()
-            return self.scale * (self.B().float() @ self.core(a.T).float().T)
+            a = at_least_fp32(self.A())
+            return self.scale * (at_least_fp32(self.B()) @ at_least_fp32(self.core(a.T)).T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self.lora_A):
@@ -576,14 +581,14 @@ def orthogonal_regulariser(layers: Iterable[AdaptedLinear]) -> torch.Tensor:
     groups: dict[tuple, list[torch.Tensor]] = {}
     for layer in layers:
         a, b = layer.A(), layer.B()
-        groups.setdefault(("A", tuple(a.shape), a.device), []).append(a)
+        groups.setdefault(("A", tuple(a.shape), a.device, a.dtype), []).append(a)
         # BᵀB of a d_out × r factor is the Gram matrix of its transpose, r × d_out
-        groups.setdefault(("B", tuple(b.shape), b.device), []).append(b.t())
+        groups.setdefault(("B", tuple(b.shape), b.device, b.dtype), []).append(b.t())
     terms = []
-    with fp32_statistics():  # in fp32 even inside the forward's autocast
-        for (_, shape, device), mats in groups.items():
-            m = (mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)).float()
-            eye = torch.eye(m.shape[1], device=device, dtype=torch.float32)
+    with fp32_statistics():  # in fp32 (at least) even inside the forward's autocast
+        for (_, shape, device, _), mats in groups.items():
+            m = at_least_fp32(mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats))
+            eye = torch.eye(m.shape[1], device=device, dtype=m.dtype)
             terms.append(torch.linalg.matrix_norm(m @ m.transpose(1, 2) - eye))
         return torch.cat(terms).mean()
 

@@ -29,6 +29,7 @@ from triadapt.methods.core import (
     DiagonalCore,
     TriangularCore,
     adapted_layers,
+    at_least_fp32,
     find_target_linears,
     fp32_statistics,
     optimizer_group,
@@ -219,7 +220,7 @@ class TriAdaptLoRA(Method):
     def _core_norm(self, layer: AdaptedLinear) -> float:
         core = layer.core
         with fp32_statistics():
-            c = (core.vector() if isinstance(core, DiagonalCore) else core.matrix()).float()
+            c = at_least_fp32(core.vector() if isinstance(core, DiagonalCore) else core.matrix())
             return (torch.linalg.vector_norm(c) / core.n_components).item()
 
     def _scores(self) -> dict[str, float]:
