@@ -287,3 +287,23 @@ def test_triadapt_growth_score_under_autocast_is_the_fp32_one():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = method._scores()
     assert got == ref
+
+
+def test_result_json_records_the_protocol(tmp_path, tiny_glue_dir):
+    import json
+
+    from triadapt.experiment import run
+
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "logger=none", "hparams=none", "model=tiny_bert", "method=lora", "budget=r2", "task=glue/mrpc",
+            f"data.dir={tiny_glue_dir}", "train.max_steps=2", "train.batch_size=8", "train.weight_decay=0.01",
+            "train.precision=fp32", "train.save_adapter=false", f"+paths.run_dir={run_dir}"])
+    run(cfg)
+    protocol = json.loads((run_dir / "result.json").read_text())["protocol"]
+    assert protocol["shared"]["batch_size"] == 8 and protocol["shared"]["model"] == "tiny_bert"
+    assert (protocol["shared"]["adam_eps"], protocol["shared"]["precision"], protocol["shared"]["eval_every"]) == (
+        1e-8, "fp32", "epoch")
+    assert protocol["recipe"]["weight_decay"] == 0.01 and protocol["recipe"]["max_steps"] == 2
+    assert (protocol["recipe"]["method.r"], protocol["recipe"]["method.alpha"]) == (2, 16)
