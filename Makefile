@@ -21,8 +21,9 @@ test-fast:  ## unit tests only (skips `slow` real-data / multi-process tests)
 test-cuda:  ## the CUDA tests alone (tests/test_cuda.py; skipped on machines without a GPU)
 	$(PYTHON) -m pytest -q -m cuda
 
-sweep-cpu:  ## MiniLM CPU sweep (experiment=cpu_glue, 60 jobs) into results/cpu_glue; re-run to resume
-	$(PYTHON) run.py -m experiment=cpu_glue paths.output_dir=results data.dir=$(DATA)/glue
+sweep-cpu:  ## MiniLM CPU table: cpu_glue (45 jobs) + ablation_triadapt (21), two 1-thread jobs at once, ~3 h; re-run to resume
+	OMP_NUM_THREADS=1 $(PYTHON) run.py -m experiment=cpu_glue launcher=joblib paths.output_dir=results data.dir=$(DATA)/glue
+	OMP_NUM_THREADS=1 $(PYTHON) run.py -m experiment=ablation_triadapt launcher=joblib paths.output_dir=results data.dir=$(DATA)/glue
 
 BENCH_ARGS ?=
 bench:  ## adapter step time/memory vs the frozen floor and peft, into results/bench (BENCH_ARGS=--full: whole sweep)

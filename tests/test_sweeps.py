@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -106,17 +105,24 @@ def test_paper_squad_budgets_methods_and_shared_settings():
     assert epochs == {"lora": 12, "adalora": 12, "increlora": 14, "triadapt": 14}
 
 
-def test_ablation_is_the_full_factorial():
+def test_ablation_is_one_factor_at_a_time_on_a_cpu_glue_task():
     cfg = _compose(["experiment=ablation_triadapt"])
     assert (cfg.model.name, cfg.method.name, cfg.hydra.runtime.choices.hparams) == ("minilm_l6", "triadapt", "cpu")
     jobs = _jobs(cfg)
-    variants = {(g, s, c) for g, s, c in zip(*(_job_values(jobs, f"method.{k}") for k in ("growth", "score", "core")))}
-    factors = (["linear", "exponential", "none"], ["frobenius", "random"], ["triangular", "diagonal"])
-    assert variants == set(itertools.product(*factors))
+    variants = set(_job_values(jobs, "ablation"))
+    assert variants == {"headline", "growth_exponential", "growth_none", "score_random", "core_diagonal",
+                        "schedule_global", "schedule_constant"}
     assert set(_job_values(jobs, "seed")) == {"1", "2", "3"}
     cpu_glue_tasks = set(_job_values(_jobs(_compose(["experiment=cpu_glue"])), "task"))
-    assert set(_job_values(jobs, "task")) == cpu_glue_tasks
-    assert len(jobs) == 12 * len(cpu_glue_tasks) * 3
+    assert len(set(_job_values(jobs, "task"))) == 1 and set(_job_values(jobs, "task")) <= cpu_glue_tasks
+    assert len(jobs) == 7 * 3
+    schedules = {_compose(["experiment=ablation_triadapt", f"ablation={v}"]).method.new_group_schedule for v in variants}
+    assert schedules == {"restart", "global", "constant"}
+
+
+def test_cpu_glue_job_folders_do_not_collide_with_the_earlier_setting():
+    jobs = _jobs(_compose(["experiment=cpu_glue"]))
+    assert len(jobs) == 3 * 3 * 5 and set(_job_values(jobs, "budget")) == {"r2"}
 
 
 def test_smoke_is_tiny():

@@ -179,15 +179,25 @@ def test_forward_equals_dense_delta_w(core, scaling):
     assert torch.allclose(layer.delta_weight(), delta, atol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["single", "block_c0"])
-def test_delta_w_is_zero_at_init(init):
-    method, model, *_ = setup(init=init, init_rank=2)
+@pytest.mark.parametrize("init, init_rank", [("single", 1), ("block_c0", 2)])
+def test_delta_w_is_zero_at_init(init, init_rank):
+    method, model, *_ = setup(init=init, init_rank=init_rank)
     x = torch.randn(3, D)
     for layer in layers(model).values():
         assert torch.count_nonzero(layer.delta_weight()) == 0
         assert torch.equal(layer(x), layer.base(x))
         # still trainable: A and (single) the core are random
         assert layer.lora_A[0].abs().sum() > 0
+
+
+def test_single_init_rank_above_one_zeroes_only_the_first_b():
+    # As in the author's code: all initial components ~ N(0, 0.02²), then index 0 re-initialised with b = 0.
+    method, model, *_ = setup(init="single", init_rank=3)
+    for layer in layers(model).values():
+        assert torch.count_nonzero(layer.lora_B[0]) == 0
+        assert all(torch.count_nonzero(layer.lora_B[i]) == D for i in (1, 2))
+        assert all(torch.count_nonzero(layer.lora_A[i]) == D for i in range(3))
+        assert torch.count_nonzero(layer.delta_weight()) > 0  # ΔW ≠ 0 at start, unlike init_rank = 1
 
 
 # -- growth (§4.3, §4.4) ---------------------------------------------------------------------------------
@@ -239,12 +249,15 @@ def test_growth_count_formula():
             lin = growth_count(remaining, progress, 72, "linear")
             exp = growth_count(remaining, progress, 72, "exponential")
             assert lin == min(max(math.floor(remaining * progress), 1), 72)
-            assert exp == min(max(math.floor(remaining**progress), 1), 72)
+            assert exp == min(max(int(math.exp(progress * math.log(remaining))), 1), 72)
     assert growth_count(10, 0.25, 72, "linear") == 2
     assert growth_count(10, 0.05, 72, "linear") == 1  # ⌊0.5⌋ = 0 → at least one module
     assert growth_count(100, 0.9, 5, "linear") == 5  # at most n modules
     assert growth_count(100, 0.5, 72, "exponential") == 10
     assert growth_count(100, 0.0, 72, "exponential") == 1
+    # The author's int(exp(p·ln rem)), not ⌊rem^p⌋: they differ at float edges.
+    assert 64 ** (1 / 6) == 2.0 and growth_count(64, 1 / 6, 72, "exponential") == 1
+    assert 25**0.5 == 5.0 and growth_count(25, 0.5, 72, "exponential") == 4
 
 
 def test_event_m_follows_the_rule_during_training():

@@ -157,6 +157,7 @@ def run(cfg: DictConfig) -> float | None:
 
     essentials = _essentials(cfg, run_dir)
     base = essentials | {"status": "running", "error": None, "versions": package_versions(), "git_sha": git_sha()}
+    base["protocol"] = protocol_of(cfg)
     base["config"] = config
     atomic_write_json(run_dir / RESULT_FILE, base)
     tracker = None
@@ -176,8 +177,13 @@ def run(cfg: DictConfig) -> float | None:
     return result["metrics"]["best"][cfg.task.main_metric]
 
 
-def inject_with_head(method, model, head_modules: list[str], weight_decay: float) -> tuple[list[dict], dict]:
-    """Let the method adapt the model; the task head (pooler, classifier) always trains fully."""
+def inject_with_head(
+    method, model, head_modules: list[str], weight_decay: float, decay_norm_and_bias: bool = False
+) -> tuple[list[dict], dict]:
+    """Let the method adapt the model; the task head (pooler, classifier) always trains fully.
+
+    Unless ``decay_norm_and_bias``, biases and LayerNorm weights get no weight decay (HF Trainer's
+    rule, which every reference script ran under): they move to a group of their own with 0."""
     groups = method.inject(model)
     head = head_parameters(model, head_modules)
     in_groups = {id(p) for g in groups for p in g["params"]}
@@ -186,7 +192,67 @@ def inject_with_head(method, model, head_modules: list[str], weight_decay: float
     head_group = [p for p in head.values() if id(p) not in in_groups]
     if head_group:
         groups.append({"params": head_group, "weight_decay": weight_decay})
+    if not decay_norm_and_bias:
+        groups = _split_no_decay(groups, _norm_and_bias_ids(model))
     return groups, head
+
+
+def _norm_and_bias_ids(model: torch.nn.Module) -> set[int]:
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    return norms | {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+
+
+def _split_no_decay(groups: list[dict], no_decay: set[int]) -> list[dict]:
+    """Each group with weight decay > 0 becomes its decayed part followed by its no-decay part."""
+    out = []
+    for g in groups:
+        if not g.get("weight_decay") or not any(id(p) in no_decay for p in g["params"]):
+            out.append(g)
+            continue
+        decayed = [p for p in g["params"] if id(p) not in no_decay]
+        if decayed:
+            out.append(g | {"params": decayed})
+        out.append(g | {"params": [p for p in g["params"] if id(p) in no_decay], "weight_decay": 0.0})
+    return out
+
+
+#: Settings every method of a task shares within an experiment (README "Protocol"): result.json's
+#: ``protocol.shared``; tests/test_protocol.py asserts them equal across the methods of every experiment.
+PROTOCOL_SHARED = {
+    "model": "model.name", "task": "task.name", "max_seq_length": "task.max_seq_length",
+    "doc_stride": "task.doc_stride", "main_metric": "task.main_metric",  # best checkpoint = best main metric
+    "max_train_samples": "data.max_train_samples", "max_eval_samples": "data.max_eval_samples",
+    "group_by_length": "data.group_by_length", "batch_size": "train.batch_size", "eval_every": "train.eval_every",
+    "precision": "train.precision", "tf32": "train.tf32", "optimizer": "train.optimizer",
+    "adam_betas": "train.adam_betas", "adam_eps": "train.adam_eps", "max_grad_norm": "train.max_grad_norm",
+    "decay_norm_and_bias": "train.decay_norm_and_bias",
+}  # fmt: skip
+#: What each method may take from its own paper (declared, recorded, printed): ``protocol.recipe``.
+PROTOCOL_RECIPE = {
+    "lr": "train.lr", "epochs": "train.epochs", "max_steps": "train.max_steps", "warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_ratio", "weight_decay": "train.weight_decay",
+    "classifier_dropout": "model.classifier_dropout",
+}  # fmt: skip
+
+
+def protocol_of(cfg: DictConfig) -> dict:
+    """{"shared": the measurement protocol, resolved; "recipe": the training recipe and method knobs}."""
+
+    def value(path: str):
+        v = OmegaConf.select(cfg, path, default=None)
+        return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+    shared = {key: value(path) for key, path in PROTOCOL_SHARED.items()}
+    device = cfg.train.get("device", "auto")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    bf16 = shared["precision"] == "bf16" or (shared["precision"] == "auto" and cuda)
+    shared["precision"] = "bf16 autocast" if bf16 else "fp32"
+    shared["tf32"] = bool(shared["tf32"]) and cuda and not bf16  # TF32 matmuls only act on CUDA fp32
+    shared["eval_every"] = shared["eval_every"] or "epoch"
+    recipe = {key: value(path) for key, path in PROTOCOL_RECIPE.items()}
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    recipe |= {f"method.{k}": v for k, v in method.items() if k != "name"}
+    return {"shared": shared, "recipe": recipe}
 
 
 def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker) -> dict:
@@ -211,7 +277,8 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
     )
     method = build_method(cfg.method, ctx)
     model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"))
-    groups, head = inject_with_head(method, model, list(cfg.model.head_modules), ctx.weight_decay)
+    groups, head = inject_with_head(method, model, list(cfg.model.head_modules), ctx.weight_decay,
+                                    bool(cfg.train.get("decay_norm_and_bias", False)))
     model.to(device)
     optimizer = build_optimizer(groups, ctx.learning_rate, cfg.train.adam_betas, float(cfg.train.adam_eps),
                                 fused=bool(cfg.train.get("fused_optimizer", True)))

@@ -70,6 +70,15 @@ def build_optimizer(groups: list[dict], lr: float, betas, eps: float, fused: boo
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None, foreach=not fused or None)
 
 
+def configure_precision(precision: str, tf32: bool, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast (``bf16``, or ``auto`` on CUDA); on CUDA, fp32
+    matmuls may use TF32 only when ``tf32`` says so (set either way: the run does not inherit it)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Total gradient norm of ``params``, clipped to ``max_norm`` when it is > 0. ``foreach`` (one
     C++ loop instead of a Python one per tensor, same kernels, same result) matters on the CPU,
@@ -184,8 +193,7 @@ class Trainer:
         self.checkpoint_every = int(train_cfg.get("checkpoint_every") or 0)
         self.keep_checkpoints = int(train_cfg.get("keep_checkpoints") or 1)
         self._stop_signal: int | None = None
-        precision = train_cfg.precision
-        self.autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.autocast = configure_precision(train_cfg.precision, bool(train_cfg.get("tf32", False)), device)
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
     # -- data ------------------------------------------------------------------------------

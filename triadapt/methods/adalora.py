@@ -23,7 +23,9 @@ from triadapt.methods.core import (
     AdaptedLinear,
     DiagonalCore,
     adapted_layers,
+    at_least_fp32,
     find_target_linears,
+    fp32_statistics,
     optimizer_group,
     orthogonal_regulariser,
     replace_module,
@@ -192,22 +194,23 @@ class AdaLoRA(Method):
         names, params, ipts, uncs = [], [], [], []
         for name, layer in self.layers:
             triplet = self._triplet_params(layer)
-            if name not in self.ema_ipt:
-                self.ema_ipt[name] = [torch.zeros_like(p) for p in triplet]
-                self.ema_unc[name] = [torch.zeros_like(p) for p in triplet]
+            if name not in self.ema_ipt:  # at least fp32 whatever the parameters' dtype
+                self.ema_ipt[name] = [at_least_fp32(torch.zeros_like(p)) for p in triplet]
+                self.ema_unc[name] = [at_least_fp32(torch.zeros_like(p)) for p in triplet]
             names.append(name)
             params += triplet
             ipts += self.ema_ipt[name]
             uncs += self.ema_unc[name]
-        ipt = torch._foreach_mul(params, [p.grad for p in params])
-        torch._foreach_abs_(ipt)
-        new_ipt = torch._foreach_mul(ipts, b1)
-        torch._foreach_add_(new_ipt, torch._foreach_mul(ipt, 1 - b1))
-        dev = torch._foreach_sub(ipt, new_ipt)
-        torch._foreach_abs_(dev)
-        torch._foreach_mul_(dev, 1 - b2)
-        new_unc = torch._foreach_mul(uncs, b2)
-        torch._foreach_add_(new_unc, dev)
+        with fp32_statistics():  # no copies for fp32 parameters
+            ipt = torch._foreach_mul([at_least_fp32(p) for p in params], [at_least_fp32(p.grad) for p in params])
+            torch._foreach_abs_(ipt)
+            new_ipt = torch._foreach_mul(ipts, b1)
+            torch._foreach_add_(new_ipt, torch._foreach_mul(ipt, 1 - b1))
+            dev = torch._foreach_sub(ipt, new_ipt)
+            torch._foreach_abs_(dev)
+            torch._foreach_mul_(dev, 1 - b2)
+            new_unc = torch._foreach_mul(uncs, b2)
+            torch._foreach_add_(new_unc, dev)
         for i, name in enumerate(names):
             self.ema_ipt[name] = new_ipt[3 * i : 3 * i + 3]
             self.ema_unc[name] = new_unc[3 * i : 3 * i + 3]

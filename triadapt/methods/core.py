@@ -26,10 +26,28 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextmanager
+def fp32_statistics():
+    """Autocast off: the regulariser and the allocators' statistics are computed in fp32 whatever
+    the precision of the forward (under bf16 autocast, ‖AAᵀ − I‖ of a near-orthonormal A would be
+    mostly rounding error)."""
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when it is in a lower precision (fp64 stays fp64); no copy when already there."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class _Cache:
@@ -474,11 +492,12 @@ class AdaptedLinear(nn.Module):
         return self.factors()[1]
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = scale · B · core · A (d_out × d_in). For scores and merging only."""
-        a = self.A()
-        return self.scale * (self.B() @ self.core(a.T).T) if self.rank else self.base.weight.new_zeros(
-            self.out_features, self.in_features
-        )
+        """ΔW = scale · B · core · A (d_out × d_in), in fp32. For scores and merging only."""
+        if not self.rank:
+            return at_least_fp32(self.base.weight.new_zeros(self.out_features, self.in_features))
+        with fp32_statistics():
+            a = at_least_fp32(self.A())
+            return self.scale * (at_least_fp32(self.B()) @ at_least_fp32(self.core(a.T)).T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self.lora_A):
@@ -566,11 +585,12 @@ def orthogonal_regulariser(layers: Iterable[AdaptedLinear]) -> torch.Tensor:
         # BᵀB of a d_out × r factor is the Gram matrix of its transpose, r × d_out
         groups.setdefault(("B", tuple(b.shape), b.device, b.dtype), []).append(b.t())
     terms = []
-    for (_, shape, device, dtype), mats in groups.items():
-        m = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
-        eye = torch.eye(m.shape[1], device=device, dtype=dtype)
-        terms.append(torch.linalg.matrix_norm(m @ m.transpose(1, 2) - eye))
-    return torch.cat(terms).mean()
+    with fp32_statistics():  # in fp32 (at least) even inside the forward's autocast
+        for (_, shape, device, _), mats in groups.items():
+            m = at_least_fp32(mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats))
+            eye = torch.eye(m.shape[1], device=device, dtype=m.dtype)
+            terms.append(torch.linalg.matrix_norm(m @ m.transpose(1, 2) - eye))
+        return torch.cat(terms).mean()
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")

@@ -24,6 +24,7 @@ from triadapt.methods.core import (
     DiagonalCore,
     adapted_layers,
     find_target_linears,
+    fp32_statistics,
     optimizer_group,
     orthogonal_regulariser,
     replace_module,
@@ -184,7 +185,7 @@ class IncreLoRA(Method):
             output.register_hook(partial(self._score, name, layer, x))
 
     def _score(self, name: str, layer: AdaptedLinear, x: torch.Tensor, grad: torch.Tensor) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), fp32_statistics():
             g = grad.reshape(-1, grad.shape[-1]).float()
             G = g.T @ x.reshape(-1, x.shape[-1]).float()
             dw = layer.delta_weight().float()  # includes the scale and the reserve, as in the reference code

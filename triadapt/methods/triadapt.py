@@ -7,7 +7,7 @@ Ranks start at ``init_rank`` and grow during training:
 * §4.2 score — S_k = ‖C_k‖_F / n_k − P_k, then P_k ← ‖C_k‖_F / n_k, with n_k the number of
   appended components (blocks); evaluated only at allocation events.
 * §4.3 dynamic threshold — at step t > t0 with t % Δt == 0 and R_t < R*:
-  p = (t − t0)/(T − t0); m = ⌊(R* − R_t)·p⌋ (linear) or ⌊(R* − R_t)^p⌋ (exponential), clamped
+  p = (t − t0)/(T − t0); m = ⌊(R* − R_t)·p⌋ (linear) or int(exp(p·ln(R* − R_t))) (exponential), clamped
   to [1, n]; τ = m-th largest score; every module with S ≥ τ grows by Δr.
 * §4.4 growth appends new Parameters (existing tensors and their Adam state are untouched)
   and puts them in a new optimizer param group with its own LR schedule.
@@ -29,7 +29,9 @@ from triadapt.methods.core import (
     DiagonalCore,
     TriangularCore,
     adapted_layers,
+    at_least_fp32,
     find_target_linears,
+    fp32_statistics,
     optimizer_group,
     orthogonal_regulariser,
     replace_module,
@@ -47,7 +49,10 @@ INIT_STD = 0.02
 
 def growth_count(remaining: int, progress: float, n_modules: int, growth: str) -> int:
     """m_t of §4.3: how many modules the threshold admits at this event."""
-    m = math.floor(remaining * progress) if growth == "linear" else math.floor(remaining**progress)
+    if growth == "linear":
+        m = math.floor(remaining * progress)
+    else:  # as the author computes it: int(exp(p·ln rem)), which differs from ⌊rem^p⌋ at float edges
+        m = int(math.exp(progress * math.log(remaining)))
     return min(max(m, 1), n_modules)
 
 
@@ -122,17 +127,18 @@ class TriAdaptLoRA(Method):
     def _append(self, layer: AdaptedLinear, k: int, initial: bool) -> list[nn.Parameter]:
         """Append k ranks to ``layer`` and return the new Parameters.
 
-        single: k components of size 1; ℓ, u, a ~ N(0, 0.02²), b = 0 for the initial ones (so
-        ΔW = 0 at start) and ~ N(0, 0.02²) for grown ones. block_c0: one block of size k with
-        its core entries 0 and A, B ~ N(0, 0.02²).
+        single: k components of size 1; ℓ, u, a, b ~ N(0, 0.02²), except b = 0 for a module's
+        very first component (so ΔW = 0 at start when init_rank = 1; with init_rank > 1 the other
+        initial components start non-zero, as in the author's code, whose reset re-initialises
+        index 0 only). block_c0: one block of size k with its core entries 0 and A, B ~ N(0, 0.02²).
         """
         device = layer.base.weight.device
         d_in, d_out, r1 = layer.in_features, layer.out_features, layer.rank
         zero_core = self.init == "block_c0"
-        zero_b = self.init == "single" and initial
         triangular = self.core == "triangular"
         new: list[nn.Parameter] = []
         for size in [1] * k if self.init == "single" else [k]:
+            zero_b = self.init == "single" and initial and r1 == 0
             r1 += size
             a = self._normal(size, d_in)
             b = torch.zeros(d_out, size) if zero_b else self._normal(d_out, size)
@@ -213,8 +219,9 @@ class TriAdaptLoRA(Method):
     @torch.no_grad()
     def _core_norm(self, layer: AdaptedLinear) -> float:
         core = layer.core
-        c = core.vector() if isinstance(core, DiagonalCore) else core.matrix()
-        return (torch.linalg.vector_norm(c) / core.n_components).item()
+        with fp32_statistics():
+            c = at_least_fp32(core.vector() if isinstance(core, DiagonalCore) else core.matrix())
+            return (torch.linalg.vector_norm(c) / core.n_components).item()
 
     def _scores(self) -> dict[str, float]:
         scores = {}
