@@ -77,6 +77,8 @@ AccountingStorageHost=localhost
 # A job asking for more than the node has fails at sbatch instead of pending forever.
 EnforcePartLimits=ALL
 ReturnToService=2
+# Look at pending jobs every 5 s (default 60 s): a requeued job starts again promptly.
+SchedulerParameters=sched_interval=5
 KillWait=10
 MinJobAge=300
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN

@@ -4,7 +4,8 @@ Selected by ``conf/launcher/slurm.yaml`` / ``slurm_cpu.yaml``. On top of ``Slurm
 
 Submitting command (:meth:`launch`)
   * a job whose ``result.json`` already says completed is not submitted (the sweep summary counts
-    it as skipped), so re-running a sweep sends only unfinished jobs to the queue;
+    it as skipped), so re-running a sweep sends only unfinished jobs to the queue; one still queued
+    or running from an earlier run of the command (after Ctrl-C) is waited for, not submitted twice;
   * the rest go out as one array job, each task renamed after its own job (``hydra.launcher.name``
     resolved in that job's config, e.g. ``triadapt-mrpc-lora-r8-seed1``);
   * a task that ends without a result (``scancel``, time limit, node failure) is recorded for the
@@ -42,6 +43,19 @@ log = logging.getLogger(__name__)
 INTERRUPTED_STATES = ("CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY")
 
 
+#: <sweep dir>/.submitit/submitted.json: job folder -> SLURM job id of its latest submission.
+SUBMITTED_FILE = "submitted.json"
+
+
+def _still_queued(ids: dict) -> dict:
+    """The entries of ``ids`` whose SLURM job is still pending or running."""
+    if not ids:
+        return {}
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, check=False)
+    active = set(out.stdout.split()) if out.returncode == 0 else set()
+    return {d: j for d, j in ids.items() if j in active}
+
+
 @dataclass
 class TriadaptSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.triadapt_slurm.launcher.TriadaptSlurmLauncher"
@@ -69,9 +83,12 @@ class TriadaptSlurmLauncher(SlurmLauncher):
         import submitit
 
         import triadapt  # noqa: F401  (the triadapt.dirname resolver of hydra.sweep.subdir)
-        from triadapt.callbacks import RESULT_FILE, _read_json, discard_ledger, record_job
+        from triadapt.callbacks import RESULT_FILE, _read_json, _write_json, discard_ledger, record_job
 
-        jobs, returns = [], [None] * len(job_overrides)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        record = sweep_dir / ".submitit" / SUBMITTED_FILE
+        queued = _still_queued(_read_json(record) or {})  # job dir -> SLURM id, from an earlier run of this command
+        jobs, waiting, returns = [], [], [None] * len(job_overrides)
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
             cfg = self._job_config(overrides, idx)
@@ -82,19 +99,40 @@ class TriadaptSlurmLauncher(SlurmLauncher):
                 best = (previous.get("metrics") or {}).get("best") or {}
                 returns[i] = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
                                        _return_value=best.get(previous.get("main_metric")))
-                continue
-            jobs.append((i, idx, list(overrides), job_dir, str(cfg.hydra.launcher.name)))
-        if not jobs:
+            elif str(job_dir) in queued:  # still queued or running: wait for it, do not submit it twice
+                record_job(idx, job_dir)
+                job = submitit.SlurmJob(folder=self.params["submitit_folder"], job_id=queued[str(job_dir)])
+                waiting.append((i, idx, list(overrides), job_dir, job))
+            else:
+                jobs.append((i, idx, list(overrides), job_dir, str(cfg.hydra.launcher.name)))
+        done = len(job_overrides) - len(jobs) - len(waiting)
+        if waiting:
+            log.info("waiting for %d jobs submitted earlier and still in the queue", len(waiting))
+        if not jobs and not waiting:
             log.info("all %d jobs already completed: nothing to submit", len(job_overrides))
             return returns
-        log.info("submitting %d of %d jobs (%d already completed)", len(jobs), len(job_overrides),
-                 len(job_overrides) - len(jobs))
+        if jobs:
+            log.info("submitting %d of %d jobs (%d already completed)", len(jobs), len(job_overrides), done)
+            submitted = self._submit(submitit, jobs)
+            waiting += [(i, idx, o, d, job) for job, (i, idx, o, d, _) in zip(submitted, jobs)]
+            ids = (_read_json(record) or {}) | {str(d): job.job_id for job, (_, _, _, d, _) in zip(submitted, jobs)}
+            record.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(record, ids)
 
-        executor = self._executor(submitit)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            for i, idx, overrides, job_dir, job in waiting:
+                returns[i] = self._wait(job, idx, overrides, job_dir, record_job, submitit)
+        except KeyboardInterrupt:
+            self._on_interrupt([w[-1] for w in waiting], discard_ledger)
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+        return returns
+
+    def _submit(self, submitit, jobs: list) -> list:
         from hydra.core.singleton import Singleton
 
+        executor = self._executor(submitit)
         params = [(o, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()) for _, idx, o, _, _ in jobs]
         submitted = executor.map_array(self, *zip(*params))
         for job, (_, idx, overrides, _, name) in zip(submitted, jobs):
@@ -102,16 +140,7 @@ class TriadaptSlurmLauncher(SlurmLauncher):
             # One name per task (the array shares one at submission): squeue/sacct/scancel --name.
             subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"JobName={name}"],
                            capture_output=True, check=False)
-
-        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        try:
-            for job, (i, idx, overrides, job_dir, _) in zip(submitted, jobs):
-                returns[i] = self._wait(job, idx, overrides, job_dir, record_job, submitit)
-        except KeyboardInterrupt:
-            self._on_interrupt(submitted, discard_ledger)
-        finally:
-            signal.signal(signal.SIGTERM, previous_term)
-        return returns
+        return submitted
 
     def _executor(self, submitit):
         """submitit's SLURM executor with this launcher's parameters (as SlurmLauncher.launch builds it)."""
