@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -56,6 +57,48 @@ def test_summary_counts_interrupted_jobs_apart(tmp_path):
     assert s["line"].endswith(
         "3 jobs: 1 completed, 0 skipped, 0 failed, 2 interrupted (resumable: run the same command again): "
         "b (interrupted: interrupted); c (interrupted: SLURM job 7_2 CANCELLED by 0)")
+
+
+class _FakeSubmititHandler:
+    """submitit's SignalHandler as the job sees it: timeouts left, and the requeue it performs."""
+
+    def __init__(self, countdown: int) -> None:
+        self._delayed = SimpleNamespace(_timeout_countdown=countdown)
+        self.requeued = 0
+
+    def has_timed_out(self) -> bool:
+        return True
+
+    def checkpoint_and_try_requeue(self, signum, frame) -> None:
+        self.requeued += 1
+
+
+def test_time_limit_warning_waits_for_the_training_loop_then_stops_it():
+    from hydra_plugins.triadapt_slurm.launcher import _TimeLimitWarning
+    from triadapt.train import Trainer
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+    try:
+        handler = _FakeSubmititHandler(countdown=1)
+        warning = _TimeLimitWarning(handler.checkpoint_and_try_requeue)
+        signal.signal(signal.SIGALRM, warning.on_alarm)
+        warning.on_warning(signal.SIGUSR2, None)  # the model is still loading: held
+        assert warning.pending and not warning.stopped
+        trainer = Trainer.__new__(Trainer)
+        trainer._stop_signal = None
+        signal.signal(signal.SIGTERM, trainer._on_signal)  # what Trainer.fit installs
+        _wait_for("the held warning", lambda: warning.stopped, timeout=10)
+        assert trainer._stop_signal == signal.SIGUSR2  # the loop saves a checkpoint at the end of its step
+        warning.requeue()
+        assert handler.requeued == 1
+
+        spent = _TimeLimitWarning(_FakeSubmititHandler(countdown=0).checkpoint_and_try_requeue)
+        spent.on_warning(signal.SIGUSR2, None)  # no requeue left: trains on
+        assert not spent.pending and not spent.stopped
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, h in saved.items():
+            signal.signal(sig, h)
 
 
 # -- against the live cluster ----------------------------------------------------------------
@@ -260,3 +303,22 @@ def test_time_limit_requeues_from_the_warning_checkpoint(first_sweep, data, tmp_
     resumes = re.findall(r"resumed from \S+ at step (\d+)/", (job_dir / "run.log").read_text())
     assert stops and resumes == stops  # each retry starts where the warning stopped the last one
     assert _outcome(job_dir) == _outcome(_job_dir(ref, "lora", 1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_ctrl_c_leaves_the_jobs_running_and_says_how_to_cancel_them(slurm, data, tmp_path):
+    proc = _start(*_args(data, tmp_path, "method=lora", "seed=1"))
+    _wait_for("the submission", lambda: list(tmp_path.rglob(".submitit/submitted.json")), timeout=120)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    done = _finish(proc, timeout=60)
+    assert done.returncode == 130 and "Traceback" not in done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1 and "1 SLURM jobs keep running" in lines[0], done.stderr[-2000:]
+    job_id = re.search(r"cancel: scancel (\d+)", lines[0]).group(1)
+    assert _run("squeue", "-h", "-j", job_id, "-o", "%T", timeout=30).stdout.strip() in ("PENDING", "RUNNING")
+    assert not list(tmp_path.rglob(".sweep_jobs"))
+    assert _run("scancel", job_id, timeout=30).returncode == 0  # the printed command
+    _wait_for("the cancellation", lambda: "CANCELLED" in _run(
+        "sacct", "-X", "-n", "-j", job_id, "-o", "State", timeout=30).stdout, timeout=60)
