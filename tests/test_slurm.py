@@ -322,3 +322,15 @@ def test_ctrl_c_leaves_the_jobs_running_and_says_how_to_cancel_them(slurm, data,
     assert _run("scancel", job_id, timeout=30).returncode == 0  # the printed command
     _wait_for("the cancellation", lambda: "CANCELLED" in _run(
         "sacct", "-X", "-n", "-j", job_id, "-o", "State", timeout=30).stdout, timeout=60)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_gpu_request_on_a_cpu_cluster_is_one_line_error(slurm, data, tmp_path):
+    proc = subprocess.run([sys.executable, "run.py", "-m", "experiment=smoke", "launcher=slurm", "seed=1", "method=lora",
+                           f"data.dir={data}", f"paths.output_dir={tmp_path}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "sbatch refused the sweep" in errors[0] and "gres" in errors[0], proc.stderr[-2000:]
+    assert not list(tmp_path.rglob(".sweep_jobs"))

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 #: SLURM states in which a task ended without finishing its run: it can be resumed.
-INTERRUPTED_STATES = ("CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY")
+INTERRUPTED_STATES = ("CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
 #: <sweep dir>/.submitit/submitted.json: job folder -> SLURM job id of its latest submission.
@@ -51,7 +51,10 @@ def _still_queued(ids: dict) -> dict:
     """The entries of ``ids`` whose SLURM job is still pending or running."""
     if not ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, check=False)
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, check=False)
+    except OSError:  # no SLURM commands here
+        return {}
     active = set(out.stdout.split()) if out.returncode == 0 else set()
     return {d: j for d, j in ids.items() if j in active}
 
@@ -134,7 +137,17 @@ class TriadaptSlurmLauncher(SlurmLauncher):
 
         executor = self._executor(submitit)
         params = [(o, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()) for _, idx, o, _, _ in jobs]
-        submitted = executor.map_array(self, *zip(*params))
+        try:
+            submitted = executor.map_array(self, *zip(*params))
+        except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.UncompletedJobError, OSError) as e:
+            from triadapt.callbacks import discard_ledger
+
+            lines = [line.strip() for line in str(getattr(e, "stderr", None) or e).splitlines() if "error" in line.lower()]
+            print(f"error: sbatch refused the sweep ({lines[-1] if lines else e}); check hydra.launcher.partition, "
+                  "gpus_per_node (launcher=slurm_cpu for CPU partitions), mem_gb, cpus_per_task, timeout_min",
+                  file=sys.stderr, flush=True)
+            discard_ledger()
+            sys.exit(2)
         for job, (_, idx, overrides, _, name) in zip(submitted, jobs):
             log.info("\t#%d %s: %s", idx, job.job_id, " ".join(overrides))
             # One name per task (the array shares one at submission): squeue/sacct/scancel --name.
