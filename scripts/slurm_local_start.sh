@@ -80,6 +80,9 @@ ReturnToService=2
 # Look at pending jobs every 5 s (default 60 s): a requeued job starts again promptly.
 SchedulerParameters=sched_interval=5
 KillWait=10
+# A job may overrun its time limit by one minute before it is killed (the limit and SLURM's
+# warning before it stay as asked): room for the tests' 1-minute jobs to finish their last try.
+OverTimeLimit=1
 MinJobAge=300
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP

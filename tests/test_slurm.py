@@ -273,15 +273,17 @@ def test_scancel_and_requeue_mid_training_resume_to_the_uninterrupted_result(fir
 def test_time_limit_requeues_from_the_warning_checkpoint(first_sweep, data, tmp_path):
     ref_sweep, first = first_sweep
     assert first.returncode == 0
-    # About 25 s of training (sized by the first sweep's steps): the warning (USR2) of a 1-minute
-    # limit reaches a job in its first 30 s, so it always cuts the first try short, and the third
-    # try, left without a requeue, has the whole minute to finish.
-    median = max(json.loads((_job_dir(ref_sweep, m, 1) / "result.json").read_text())["timing"]["step_s_median"]
-                 for m in ("lora", "adalora"))
-    steps = max(STEPS, int(25 / (1.25 * median)))
+    # About 60 s of training (sized by the first sweep's step times). With signal_delay_s=20 the
+    # warning (USR2) of a 1-minute limit reaches a try 10-40 s after it starts (SLURM looks every
+    # 30 s), so the first try never finishes; the third, left without a requeue, trains on until
+    # SLURM kills it, after the limit plus the cluster's OverTimeLimit (1 minute), ample to finish.
+    per_step = max(r["timing"]["train_s"] / r["timing"]["steps"] for r in (
+        json.loads((_job_dir(ref_sweep, "lora", s) / "result.json").read_text()) for s in (1, 2)))
+    steps = max(STEPS, int(60 / (1.2 * per_step)))
     overrides = ["method=lora", "seed=1", f"train.max_steps={steps}"]
     out, ref = tmp_path / "limited", tmp_path / "reference"
-    proc = _start(*_args(data, out), *overrides, "hydra.launcher.timeout_min=1", "hydra.launcher.max_num_timeout=2")
+    proc = _start(*_args(data, out), *overrides, "hydra.launcher.timeout_min=1",
+                  "hydra.launcher.max_num_timeout=2", "hydra.launcher.signal_delay_s=20")
     reference = _start(*_args(data, ref, slurm=False), *overrides)  # uninterrupted, here, meanwhile
     statuses = set()
     while proc.poll() is None:
