@@ -23,13 +23,13 @@ Job (:meth:`__call__`, on the compute node)
 """
 
 import logging
-import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
@@ -211,9 +211,18 @@ class TriadaptSlurmLauncher(SlurmLauncher):
             raise
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        if warning.stopped and ret.status != JobStatus.COMPLETED:
+        if warning.stopped and not _run_completed(ret):  # stopped by the warning, returned instead of exiting
             warning.requeue()
         return ret
+
+
+def _run_completed(ret: JobReturn) -> bool:
+    from triadapt.callbacks import RESULT_FILE, _read_json
+
+    run_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg is not None else None
+    if run_dir is None:
+        return ret.status == JobStatus.COMPLETED
+    return (_read_json(Path(str(run_dir)) / RESULT_FILE) or {}).get("status") == "completed"
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
