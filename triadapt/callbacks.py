@@ -9,7 +9,9 @@ prints
     sweep summary (outputs/smoke): 4 jobs: 3 completed, 0 skipped, 1 failed: method=lora,seed=2 (DataError: …)
 
 and exits with status 1 when any job did not complete (``fail_on_error: false`` turns that off).
-"Skipped" jobs found ``result.json`` already completed when they started (a resumed sweep).
+"Skipped" jobs found ``result.json`` already completed when they started (a resumed sweep), or
+were not even submitted for that reason (launcher=slurm). "Interrupted" jobs were stopped by a
+signal, ``scancel`` or a time limit and resume from their checkpoint when the sweep is re-run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,38 @@ def _job_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.runtime.output_dir))
 
 
+def record_job(num: int, job_dir: Path, *, skipped: bool = False, interrupted: str | None = None,
+               error: str | None = None) -> None:
+    """A launcher's word on job ``num`` of this process's running multirun (merged into its note)."""
+    ledger = os.environ.get(LEDGER_ENV)
+    if not ledger or not Path(ledger).is_dir():
+        return
+    path = Path(ledger) / f"job-{num}.json"
+    note = _read_json(path) or {"dir": str(job_dir), "skipped": skipped, "error": None}
+    if interrupted:
+        note["interrupted"] = interrupted
+    if error and not note.get("error"):
+        note["error"] = error
+    _write_json(path, note)
+
+
+def discard_ledger() -> None:
+    """Remove this process's ledger when the multirun ends without its summary (Ctrl-C)."""
+    ledger = os.environ.pop(LEDGER_ENV, None)
+    if ledger:
+        _remove_ledger(Path(ledger))
+
+
+def _remove_ledger(ledger: Path) -> None:
+    for p in ledger.glob("*"):
+        p.unlink(missing_ok=True)
+    for d in (ledger, ledger.parent):
+        try:
+            d.rmdir()
+        except OSError:  # another sweep's ledger is still there
+            pass
+
+
 class SweepSummary(Callback):
     def __init__(self, fail_on_error: bool = True) -> None:
         self.fail_on_error = fail_on_error
@@ -71,14 +105,8 @@ class SweepSummary(Callback):
         print(summary["line"], flush=True)
         if os.environ.get(LEDGER_ENV) == self._ledger:
             del os.environ[LEDGER_ENV]
-        for p in ledger.glob("*"):
-            p.unlink(missing_ok=True)
-        for d in (ledger, ledger.parent):
-            try:
-                d.rmdir()
-            except OSError:  # another sweep's ledger is still there
-                pass
-        if summary["failed"] and self.fail_on_error:
+        _remove_ledger(ledger)
+        if (summary["failed"] or summary["interrupted"]) and self.fail_on_error:
             sys.exit(1)
 
     # -- job process (wherever the launcher runs it) ------------------------------------------
@@ -110,7 +138,7 @@ class SweepSummary(Callback):
 
 def summarize(notes: list[dict], sweep_dir: Path | None = None) -> dict:
     """Counts and the one-line message from ledger notes plus each job's result.json."""
-    completed, skipped, failed = 0, 0, []
+    completed, skipped, failed, interrupted = 0, 0, [], []
 
     def short(d: Path) -> str:
         if sweep_dir is not None:
@@ -131,12 +159,21 @@ def summarize(notes: list[dict], sweep_dir: Path | None = None) -> dict:
                 completed += 1
             continue
         err = result.get("error") or {}
+        if not note.get("error") and (status == "interrupted" or note.get("interrupted")):
+            # Stopped from outside (signal, scancel, time limit): a re-run resumes it.
+            why = "; ".join(w for w in (note.get("interrupted"), err.get("message")) if w)
+            interrupted.append({"dir": str(job_dir), "why": (why or "interrupted").splitlines()[0][:200]})
+            continue
         why = note.get("error") or (
             f"{err.get('type')}: {err.get('message')}" if err else f"status {status or 'missing (no result.json)'}"
         )
         failed.append({"dir": str(job_dir), "why": why.splitlines()[0][:200] if why else why})
     where = f" ({sweep_dir})" if sweep_dir is not None else ""
     line = f"sweep summary{where}: {len(notes)} jobs: {completed} completed, {skipped} skipped, {len(failed)} failed"
-    if failed:
-        line += ": " + "; ".join(f"{short(Path(f['dir']))} ({f['why']})" for f in failed)
-    return {"completed": completed, "skipped": skipped, "failed": failed, "line": line}
+    if interrupted:
+        line += f", {len(interrupted)} interrupted (resumable: run the same command again)"
+    problems = [f"{short(Path(f['dir']))} ({f['why']})" for f in failed]
+    problems += [f"{short(Path(f['dir']))} (interrupted: {f['why']})" for f in interrupted]
+    if problems:
+        line += ": " + "; ".join(problems)
+    return {"completed": completed, "skipped": skipped, "failed": failed, "interrupted": interrupted, "line": line}
