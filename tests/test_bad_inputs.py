@@ -126,7 +126,7 @@ def test_cuda_without_a_device(tmp_path, tiny_glue_dir, capsys):
     "header, rows, needle",
     [
         ("Quality\t#1 ID\t#2 ID\tsentence1\t#2 String", MRPC_ROWS, "lacks column(s) ['#1 String']"),
-        (MRPC_HEADER, [*MRPC_ROWS[:5], "1\t5\tonly three columns"], "train.tsv:7 has 3 columns, expected at least 5"),
+        (MRPC_HEADER, [*MRPC_ROWS[:5], "1\t5\tonly three columns"], "train.tsv:7 has 3 tab-separated fields, the header has 5"),
         (MRPC_HEADER, [*MRPC_ROWS[:3], "2\t3\t103\ta\tb"], "train.tsv:5 label '2' is not one of ['0', '1']"),
         (MRPC_HEADER, [], "mrpc train split is empty"),
     ],
