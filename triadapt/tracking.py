@@ -58,17 +58,17 @@ def _human(n: float) -> str:
 
 
 def _disk_full(e: BaseException, folder: Path, need: int | None) -> bool:
-    """ENOSPC/EDQUOT, also when a C++/Rust writer (torch, safetensors) wraps it in another error."""
+    """ENOSPC/EDQUOT, also when a C++/Rust writer (torch, safetensors) hides it in another error
+    ("iostream error"): then the free space (temp file removed) tells, being below the need."""
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(seen)
-        if "No space left" in text or "code: 28," in text or "Disk quota exceeded" in text:
+        if any(s in str(seen) for s in ("No space left", "code: 28,", "Disk quota exceeded")):
             return True
         seen = seen.__cause__ or seen.__context__
-    try:  # torch's zip writer only says "file write failed"
-        return "write" in str(e) and shutil.disk_usage(folder).free < max(need or 0, 1 << 16)
+    try:
+        return shutil.disk_usage(folder).free < max(need or 0, 1 << 16)
     except OSError:
         return False
 
@@ -94,11 +94,13 @@ def atomic_path(path: str | Path, need_bytes: int | None = None):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except Exception as e:
-            if isinstance(e, TriadaptError) or not _disk_full(e, path.parent, need_bytes):
+            if isinstance(e, TriadaptError):
                 raise
             written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
             if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
+            if not _disk_full(e, path.parent, need_bytes):
+                raise
             try:
                 free = _human(shutil.disk_usage(path.parent).free)
             except OSError:
