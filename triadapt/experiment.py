@@ -200,6 +200,12 @@ def _check_resume(run_dir: Path, checkpoint: Path, config: dict, previous: dict 
             f"{checkpoint} does not record the settings it was written with, and {run_dir / RESULT_FILE} is "
             "missing or unreadable; delete the checkpoint to start over, or choose another run dir"
         )
+    old_method, new_method = (c.get("method", {}).get("name") for c in (old, config))
+    if old_method != new_method:
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of method {old_method}, not {new_method}; "
+            f"resume with method={old_method}, or choose another run dir"
+        )
     changes = config_changes(old, config)
     if changes:
         more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""

@@ -163,11 +163,12 @@ def write_status_in_place(path: str | Path, obj: Any) -> None:
 
 
 def read_result(run_dir: str | Path) -> dict | None:
-    """The run's result.json, or None when absent or unreadable."""
+    """The run's result.json, or None when absent, unreadable or not a JSON object."""
     try:
-        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        result = json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
         return None
+    return result if isinstance(result, dict) else None
 
 
 def write_metrics_log(run_dir: str | Path, records: list[dict]) -> None:
