@@ -96,7 +96,7 @@ CATALOGUE = [
     ("checkpoint-every-neg", ["data.dir={glue}", "train.checkpoint_every=-1"], ["train.checkpoint_every=-1", ">= 0"]),
     ("wandb-mode", ["data.dir={glue}", "logger=wandb", "logger.mode=onlin"], ["logger.mode='onlin'", "online, offline, disabled"]),
     ("increlora-rank-too-large", ["data.dir={glue}", "method=increlora", "budget.rank=64"],
-     ["IncreLoRA target total rank 768", "too large", "at most 384"]),
+     ["IncreLoRA target total rank 768", "too large", "exceeds min(d_in, d_out) = 32 of every one"]),
     ("max-seq-length-below-specials", ["data.dir={glue}", "task.max_seq_length=3"],
      ["task.max_seq_length=3 is below 5", "special tokens"]),
     ("max-seq-length-above-positions", ["data.dir={glue}", "task.max_seq_length=100000"],
