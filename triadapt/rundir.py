@@ -33,8 +33,11 @@ class RunDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunDirLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who may read it
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who may read it
+        except OSError as e:  # read-only, no permission, no space: one line, not a traceback
+            raise TriadaptError(f"cannot create the run dir lock {self.path} ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -44,8 +47,11 @@ class RunDirLock:
                 f"{self.run_dir} is in use by {holder}; wait for it to end or choose another run dir"
             ) from None
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same; only the holder's name is lost
+            pass
         self._fd = fd
         return self
 
