@@ -250,6 +250,28 @@ def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(small_fs
     assert sorted(os.listdir(mnt)) == ["result.json"]
 
 
+def test_the_final_status_is_recorded_on_a_disk_with_no_room_for_a_copy(small_fs):
+    from triadapt.experiment import _record_status
+    from triadapt.tracking import DiskFull, atomic_write_json
+
+    mnt, resize = small_fs
+    resize(64 * 1024)
+    record = {"status": "running", "error": None, "config": {"x": "y" * 3000}}
+    atomic_write_json(mnt / "result.json", record)
+    with open(mnt / "filler", "wb", buffering=0) as f:  # fill every free page
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    failed = record | {"status": "failed", "error": {"type": "DiskFull", "message": "disk full writing …"}}
+    with pytest.raises(DiskFull):  # no room for the atomic copy
+        atomic_write_json(mnt / "result.json", failed)
+    _record_status(mnt, failed)  # in place instead
+    assert strict_json((mnt / "result.json").read_text()) == failed
+    assert sorted(os.listdir(mnt)) == ["filler", "result.json"]
+
+
 def test_a_full_disk_at_the_final_write_leaves_a_resumable_run(small_fs, tmp_path, tiny_glue_dir, capsys, monkeypatch):
     """checkpoint_every=0 and the disk fills while writing the final adapter: one line, status
     failed, and the end-of-run checkpoint resumes to the result of an uninterrupted run."""
