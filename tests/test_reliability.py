@@ -126,7 +126,7 @@ def test_a_sweep_job_whose_dir_is_locked_counts_as_failed(tmp_path, tiny_glue_di
 def test_a_non_finite_update_stops_and_names_the_last_finite_checkpoint(tmp_path, tiny_glue_dir, capsys, monkeypatch):
     """An update that poisons the weights (as train.lr=inf did) is caught right after it: no
     checkpoint, best adapter or final adapter of that state; the previous checkpoint is named."""
-    import triadapt.train as train
+    from triadapt import train
 
     real_step = train.optimizer_step
 
@@ -157,7 +157,7 @@ def test_a_non_finite_update_stops_and_names_the_last_finite_checkpoint(tmp_path
 
 def test_no_checkpoint_of_a_non_finite_state_is_ever_written(tmp_path, tiny_glue_dir, capsys, monkeypatch):
     """Without periodic checkpoints the message says there is none, and none is written."""
-    import triadapt.train as train
+    from triadapt import train
 
     real_step = train.optimizer_step
 
@@ -275,7 +275,7 @@ def test_the_final_status_is_recorded_on_a_disk_with_no_room_for_a_copy(small_fs
 def test_a_full_disk_at_the_final_write_leaves_a_resumable_run(small_fs, tmp_path, tiny_glue_dir, capsys, monkeypatch):
     """checkpoint_every=0 and the disk fills while writing the final adapter: one line, status
     failed, and the end-of-run checkpoint resumes to the result of an uninterrupted run."""
-    import triadapt.train as train
+    from triadapt import train
 
     mnt, resize = small_fs
     args = [f"data.dir={tiny_glue_dir}", "train.eval_every=2"]
@@ -292,7 +292,10 @@ def test_a_full_disk_at_the_final_write_leaves_a_resumable_run(small_fs, tmp_pat
     run_ok(args, ref)
     assert not (ref / "checkpoints").exists()  # the end-of-run checkpoint is gone once complete
     page = 4096
-    pages = lambda n: -(-n // page)  # noqa: E731
+
+    def pages(n: int) -> int:
+        return -(-n // page)
+
     # Room for what exists before the final writes (the end-of-run checkpoint included), and
     # two pages: the final adapter (10 pages) or the last best adapter does not fit.
     before_final = sum(pages(p.stat().st_size) for p in ref.iterdir() if p.name != "adapter.safetensors")
@@ -322,7 +325,7 @@ def test_a_full_disk_at_the_final_write_leaves_a_resumable_run(small_fs, tmp_pat
 
 
 def test_sigterm_while_loading_data_records_interrupted(tmp_path, tiny_glue_dir, capsys, monkeypatch):
-    import triadapt.experiment as experiment
+    from triadapt import experiment
 
     real_build = experiment.build_task
 

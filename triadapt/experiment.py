@@ -27,8 +27,8 @@ from triadapt.data import build_task
 from triadapt.errors import ConfigError, TriadaptError
 from triadapt.methods import RunContext, build_method
 from triadapt.models import head_parameters, load_model, load_tokenizer
-from triadapt.schedules import GroupedLinearSchedule
 from triadapt.rundir import RunDirLock
+from triadapt.schedules import GroupedLinearSchedule
 from triadapt.tracking import (
     RESULT_FILE,
     Tracker,

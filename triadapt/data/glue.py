@@ -105,7 +105,7 @@ def _read_rows(path: Path) -> list[list[str]]:
             f"{path}:{line_no} is not valid UTF-8 (byte 0x{data[e.start]:02x}); GLUE files are UTF-8"
         ) from None
     lines = text.split("\n")
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    lines = [line.removesuffix("\r") for line in lines]
     while lines and not lines[-1].strip():  # a final newline, or blank lines at the end
         lines.pop()
     for line_no, line in enumerate(lines, start=1):
