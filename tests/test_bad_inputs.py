@@ -95,9 +95,55 @@ CATALOGUE = [
     ("keep-checkpoints-0", ["data.dir={glue}", "train.keep_checkpoints=0"], ["train.keep_checkpoints=0", ">= 1"]),
     ("checkpoint-every-neg", ["data.dir={glue}", "train.checkpoint_every=-1"], ["train.checkpoint_every=-1", ">= 0"]),
     ("wandb-mode", ["data.dir={glue}", "logger=wandb", "logger.mode=onlin"], ["logger.mode='onlin'", "online, offline, disabled"]),
+    ("increlora-rank-too-large", ["data.dir={glue}", "method=increlora", "budget.rank=64"],
+     ["IncreLoRA target total rank 768", "too large", "exceeds min(d_in, d_out) = 32 of every one"]),
+    ("max-seq-length-below-specials", ["data.dir={glue}", "task.max_seq_length=3"],
+     ["task.max_seq_length=3 is below 5", "special tokens"]),
+    ("max-seq-length-above-positions", ["data.dir={glue}", "task.max_seq_length=100000"],
+     ["task.max_seq_length=100000 exceeds the 512 positions of model tiny_bert"]),
     # resume
     ("resume-true-nothing", ["data.dir={glue}", "resume=true"], ["resume=true but {run_dir} holds no checkpoint"]),
 ]  # fmt: skip
+
+# Refused by validation before the run dir is touched: no result.json, no folder at all.
+REFUSED_BEFORE_WRITING = [
+    ("seed-abc", ["seed=abc"], ["seed='abc' must be an integer"]),
+    ("lr-abc", ["train.lr=abc"], ["train.lr='abc' must be a number"]),
+    ("lr-nan", ["train.lr=nan"], ["train.lr=nan must be a finite number"]),
+    ("lr-inf", ["train.lr=inf"], ["train.lr=inf must be a finite number"]),
+    ("log-every-0", ["train.log_every=0"], ["train.log_every=0 must be a positive integer"]),
+    ("eval-every-0", ["train.eval_every=0"], ["train.eval_every=0 must be a positive integer"]),
+    ("adam-betas", ["train.adam_betas=[1.5,0.999]"], ["train.adam_betas=[1.5, 0.999] must be two numbers in [0, 1)"]),
+    ("adam-eps-0", ["train.adam_eps=0"], ["train.adam_eps=0 must be > 0"]),
+    ("weight-decay-neg", ["train.weight_decay=-0.1"], ["train.weight_decay=-0.1 must be >= 0"]),
+    ("warmup-ratio-above-1", ["train.warmup_ratio=1.5"], ["train.warmup_ratio=1.5 must lie in [0, 1]"]),
+    ("warmup-steps-neg", ["train.warmup_ratio=null", "train.warmup_steps=-1"], ["train.warmup_steps=-1", "non-negative"]),
+    ("max-grad-norm-neg", ["train.max_grad_norm=-1"], ["train.max_grad_norm=-1 must be >= 0"]),
+    ("device-gpu", ["train.device=gpu"], ["train.device='gpu'; choose auto, cpu, cuda"]),
+    ("data-source-typo", ["data.source=locl"], ["data.source='locl'; choose auto, local or hub"]),
+    ("dropout-above-1", ["method.dropout=1.5"], ["method.dropout=1.5 must lie in [0, 1)"]),
+    ("alpha-neg", ["method.alpha=-16"], ["method.alpha=-16 must be > 0"]),
+    ("budget-rank-float", ["budget.rank=1.5"], ["budget.rank=1.5 must be an integer"]),
+    ("method-rank-float", ["method=triadapt", "method.target_rank=2.5"], ["method.target_rank=2.5 must be an integer"]),
+    ("max-seq-length-0", ["task.max_seq_length=0"], ["task.max_seq_length=0 must be a positive integer"]),
+    ("resume-maybe", ["resume=maybe"], ["resume='maybe'; choose auto, true, false or the path of an existing run dir"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSED_BEFORE_WRITING, ids=[c[0] for c in REFUSED_BEFORE_WRITING])
+def test_refused_before_anything_is_written(case, tmp_path, tiny_glue_dir, capsys):
+    _, overrides, needles = case
+    run_dir = tmp_path / "run"
+    code, err = run_main([f"data.dir={tiny_glue_dir}", *overrides], run_dir, capsys)
+    line = one_line(err)
+    assert code == 2 and all(needle in line for needle in needles), line
+    assert not run_dir.exists()
+
+
+def test_resume_accepts_an_existing_run_dir_path(tmp_path):
+    from triadapt.validation import validate
+
+    validate(compose([*BASE, f"resume={tmp_path}"]))  # no error: #11's resume=<run dir>
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
@@ -126,7 +172,7 @@ def test_cuda_without_a_device(tmp_path, tiny_glue_dir, capsys):
     "header, rows, needle",
     [
         ("Quality\t#1 ID\t#2 ID\tsentence1\t#2 String", MRPC_ROWS, "lacks column(s) ['#1 String']"),
-        (MRPC_HEADER, [*MRPC_ROWS[:5], "1\t5\tonly three columns"], "train.tsv:7 has 3 columns, expected at least 5"),
+        (MRPC_HEADER, [*MRPC_ROWS[:5], "1\t5\tonly three columns"], "train.tsv:7 has 3 tab-separated fields, the header has 5"),
         (MRPC_HEADER, [*MRPC_ROWS[:3], "2\t3\t103\ta\tb"], "train.tsv:5 label '2' is not one of ['0', '1']"),
         (MRPC_HEADER, [], "mrpc train split is empty"),
     ],

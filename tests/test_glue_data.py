@@ -77,8 +77,43 @@ def test_label_outside_label_set(tmp_path):
 
 def test_short_row(tmp_path):
     path = _write(tmp_path, "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\n")
-    with pytest.raises(DataError, match="has 2 columns"):
+    with pytest.raises(DataError, match="dev.tsv:2 has 2 tab-separated fields, the header has 4$"):
         read_glue_tsv(path, "rte")
+
+
+MRPC = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tAmrozi accused his brother\tReferring to him\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # A tab inside a quoted field: no quoting in GLUE files, so it is an extra field, refused
+        # (it used to shift sentence 2 into the rest of sentence 1).
+        (MRPC + '0\t3\t4\t"Amrozi\taccused"\tx\n', r"train.tsv:3 has 6 tab-separated fields, the header has 5 \(a tab"),
+        (MRPC + "0\t3\t4\tonly four\n", r"train.tsv:3 has 4 tab-separated fields, the header has 5$"),
+        (MRPC + "\n0\t3\t4\ta\tb\n", r"train.tsv:3 is blank; only blank lines at the end"),
+        ("gj04\t1\t\tfine\ngj04\t1\t\ttoo\tmany\n", r"train.tsv:2 has 5 tab-separated fields, cola files have 4"),
+    ],
+    ids=["quoted-tab", "narrow-row", "inner-blank-line", "cola-wide-row"],
+)
+def test_malformed_rows_are_refused_with_file_and_line(tmp_path, text, message):
+    path = _write(tmp_path, "train.tsv", text)
+    with pytest.raises(DataError, match=message):
+        read_glue_tsv(path, "cola" if text.startswith("gj04") else "mrpc")
+
+
+def test_undecodable_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_bytes(MRPC.encode() + b"0\t3\t4\tna\xefve\xff\tb\n")
+    with pytest.raises(DataError, match=r"train.tsv:3 is not valid UTF-8 \(byte 0xef\)"):
+        read_glue_tsv(path, "mrpc")
+
+
+def test_trailing_blank_lines_and_crlf_are_tolerated(tmp_path):
+    """The documented tolerance: blank lines at the end of a file (and CRLF line ends)."""
+    path = _write(tmp_path, "train.tsv", MRPC.replace("\n", "\r\n") + "\n\n  \n")
+    texts, labels = read_glue_tsv(path, "mrpc")
+    assert texts == [("Amrozi accused his brother", "Referring to him")] and labels == [1]
 
 
 def test_missing_task_folder_and_data_dir(tmp_path):

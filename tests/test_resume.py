@@ -261,3 +261,78 @@ def test_report_lists_a_truncated_result_and_builds_the_table_from_the_others(tm
     assert f"unreadable: {broken}" in out
     table = (runs / "table_glue.md").read_text()
     assert "| MRPC |" in table and "| lora r8" in table and "(n=1)" in table  # seed 1 only
+
+
+# -- the checkpoint, not result.json, decides what may resume --------------------------------
+
+RESUME_BASE = ["logger=none", "hparams=none", "model=tiny_bert", "task=glue/mrpc", "train.max_steps=6",
+               "train.batch_size=8", "train.lr=5e-3", "train.checkpoint_every=4"]  # fmt: skip
+
+
+def _killed_run(run_dir: Path, data_dir: Path, result: str | None) -> Path:
+    """A run that left a checkpoint at step 4 and a result.json that is missing or ``result``."""
+    from triadapt.experiment import main
+
+    main(compose([*RESUME_BASE, f"data.dir={data_dir}", f"+paths.run_dir={run_dir}"]))
+    ckpt = run_dir / "checkpoints" / "step-00000004.pt"
+    assert ckpt.exists()
+    (run_dir / "result.json").unlink()
+    if result is not None:
+        (run_dir / "result.json").write_text(result)
+    return ckpt
+
+
+def _main_fails(overrides: list[str], capsys) -> str:
+    from triadapt.experiment import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(compose(overrides))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("result", [None, '{"status": "run', "[]"], ids=["deleted", "truncated", "not-a-dict"])
+def test_resume_checks_the_checkpoints_settings_without_result_json(result, tmp_path, tiny_glue_dir, capsys):
+    """result.json deleted or garbled: the checkpoint's own settings refuse another lr and seed
+    (which would otherwise be silently ignored: the lr lives in the optimizer state), nothing is
+    written, and the same settings resume."""
+    from triadapt.experiment import main
+
+    run_dir = tmp_path / "run"
+    ckpt = _killed_run(run_dir, tiny_glue_dir, result)
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    same = [*RESUME_BASE, f"data.dir={tiny_glue_dir}", f"+paths.run_dir={run_dir}"]
+    err = _main_fails([*same, "train.lr=5e-2", "seed=7"], capsys)
+    assert f"{run_dir} holds a checkpoint of a run with other settings (seed: 42 → 7; train.lr: 0.005 → 0.05)" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == files
+
+    main(compose(same))
+    done = json.loads((run_dir / "result.json").read_text())
+    assert done["status"] == "completed" and done["config"]["train"]["lr"] == 5e-3 and done["timing"]["steps"] == 6
+    assert ckpt.exists()  # a periodic checkpoint, kept (train.keep_checkpoints=1)
+
+
+def test_another_methods_checkpoint_is_refused_before_anything_is_written(tmp_path, tiny_glue_dir, capsys):
+    from triadapt.experiment import main
+
+    run_dir = tmp_path / "run"
+    _killed_run(run_dir, tiny_glue_dir, None)
+    same = [*RESUME_BASE, f"data.dir={tiny_glue_dir}", f"+paths.run_dir={run_dir}"]
+    err = _main_fails([*same, "method=adalora"], capsys)
+    assert f"{run_dir} holds a checkpoint of method lora, not adalora; resume with method=lora" in err
+    assert not (run_dir / "result.json").exists()
+    main(compose(same))  # the rightful resume is not refused afterwards
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+
+
+def test_a_checkpoint_without_settings_and_without_result_json_is_refused(tmp_path, tiny_glue_dir, capsys):
+    run_dir = tmp_path / "run"
+    ckpt = _killed_run(run_dir, tiny_glue_dir, None)
+    payload = torch.load(ckpt, weights_only=False)
+    del payload["config"]  # as written by a triadapt before checkpoints carried their settings
+    torch.save(payload, ckpt)
+    err = _main_fails([*RESUME_BASE, f"data.dir={tiny_glue_dir}", f"+paths.run_dir={run_dir}"], capsys)
+    assert f"{ckpt} does not record the settings it was written with" in err
+    assert not (run_dir / "result.json").exists()

@@ -4,14 +4,18 @@
 ``status: running`` when the run starts, then ``completed`` / ``failed`` / ``interrupted``.
 A run directory whose result says ``completed`` is skipped, so re-running a sweep resumes
 it; a directory holding a checkpoint is resumed (``resume=auto``), provided the run's
-settings are those the checkpoint was written with.
+settings are those the checkpoint was written with (stored in the checkpoint itself).
+Settings are validated, the run dir locked (one writer at a time) and the resume checked
+before anything is written; a signal at any point records ``interrupted``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +27,7 @@ from triadapt.data import build_task
 from triadapt.errors import ConfigError, TriadaptError
 from triadapt.methods import RunContext, build_method
 from triadapt.models import head_parameters, load_model, load_tokenizer
+from triadapt.rundir import RunDirLock
 from triadapt.schedules import GroupedLinearSchedule
 from triadapt.tracking import (
     RESULT_FILE,
@@ -32,8 +37,18 @@ from triadapt.tracking import (
     git_sha,
     package_versions,
     read_result,
+    write_status_in_place,
 )
-from triadapt.train import Interrupted, Trainer, build_optimizer, latest_checkpoint, seed_everything, total_steps_for
+from triadapt.train import (
+    Interrupted,
+    Trainer,
+    build_optimizer,
+    checkpoint_config,
+    latest_checkpoint,
+    seed_everything,
+    total_steps_for,
+)
+from triadapt.validation import budget_name, check_sequence_length, validate
 
 log = logging.getLogger("triadapt")
 
@@ -74,27 +89,9 @@ def _essentials(cfg: DictConfig, run_dir: Path) -> dict:
         "method": cfg.method.name,
         "model": cfg.model.name,
         "seed": int(cfg.seed),
-        "budget_name": cfg.budget.name,
+        "budget_name": budget_name(cfg),
         "main_metric": cfg.task.main_metric,
     }
-
-
-def _validate(cfg: DictConfig) -> None:
-    t = cfg.train
-    if not t.lr or float(t.lr) <= 0:
-        raise ConfigError(f"train.lr={t.lr} must be > 0")
-    if int(t.eval_batch_size) <= 0:
-        raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} must be > 0")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision={t.precision!r}; choose auto, fp32 or bf16")
-    if int(t.get("checkpoint_every") or 0) < 0:
-        raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: only on a signal or a NaN)")
-    if t.get("keep_checkpoints") is not None and int(t.keep_checkpoints) < 1:
-        raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
-    for key in ("max_train_samples", "max_eval_samples"):
-        value = cfg.data.get(key)
-        if value is not None and int(value) <= 0:
-            raise ConfigError(f"data.{key}={value} must be a positive integer (or null for all examples)")
 
 
 #: Settings that may differ between a run and its resume: they do not change what is trained
@@ -130,11 +127,24 @@ def _device(name: str) -> torch.device:
 
 def run(cfg: DictConfig) -> float | None:
     """Run one job; return the best value of the task's main metric (Hydra's objective)."""
+    validate(cfg)
     run_dir = run_dir_of(cfg)
     previous = read_result(run_dir)
+    if previous and previous.get("status") == "completed":  # final: no lock needed to read it
+        return _skip(run_dir, previous)
+    with RunDirLock(run_dir):
+        return _run_locked(cfg, run_dir)
+
+
+def _skip(run_dir: Path, previous: dict) -> float | None:
+    log.info("%s already completed; skipping (delete it to re-run)", run_dir)
+    return ((previous.get("metrics") or {}).get("best") or {}).get(previous.get("main_metric"))
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> float | None:
+    previous = read_result(run_dir)  # again: another process may have finished it meanwhile
     if previous and previous.get("status") == "completed":
-        log.info("%s already completed; skipping (delete it to re-run)", run_dir)
-        return (previous.get("metrics") or {}).get("best", {}).get(previous.get("main_metric"))
+        return _skip(run_dir, previous)
     checkpoint = latest_checkpoint(run_dir)
     resume = cfg.get("resume", "auto")
     if resume is True and checkpoint is None:
@@ -144,37 +154,111 @@ def run(cfg: DictConfig) -> float | None:
     if resume is False and previous is not None:
         raise ConfigError(f"{run_dir} already holds a {previous.get('status')} run; choose another run dir")
     if previous is None and (run_dir / RESULT_FILE).exists():
-        log.warning("%s is unreadable; starting the run again", run_dir / RESULT_FILE)
+        log.warning("%s is unreadable; its checkpoint (if any) decides what may resume", run_dir / RESULT_FILE)
     config = OmegaConf.to_container(cfg, resolve=True)
-    if checkpoint is not None and previous and isinstance(previous.get("config"), dict):
-        changes = config_changes(previous["config"], config)
-        if changes:
-            more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
-            raise ConfigError(
-                f"{run_dir} holds a checkpoint of a run with other settings ({'; '.join(changes[:3])}{more}); "
-                "resume with the same settings, or choose another run dir"
-            )
+    if checkpoint is not None:
+        _check_resume(run_dir, checkpoint, config, previous)
 
     essentials = _essentials(cfg, run_dir)
+    if essentials["budget_name"] != cfg.budget.name:
+        log.warning("the method's rank overrides budget %s: recorded as budget %s", cfg.budget.name, essentials["budget_name"])
     base = essentials | {"status": "running", "error": None, "versions": package_versions(), "git_sha": git_sha()}
     base["protocol"] = protocol_of(cfg)
     base["config"] = config
-    atomic_write_json(run_dir / RESULT_FILE, base)
     tracker = None
-    try:
-        tracker = Tracker(cfg.logger, run_dir, base["config"], name=f"{cfg.experiment_name}-seed{cfg.seed}")
-        result = _train(cfg, run_dir, checkpoint, tracker)
-    except BaseException as e:
-        status = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed"
-        atomic_write_json(
-            run_dir / RESULT_FILE, base | {"status": status, "error": {"type": type(e).__name__, "message": str(e)}}
-        )
-        if tracker is not None:
-            tracker.finish(exit_code=1)
-        raise
-    atomic_write_json(run_dir / RESULT_FILE, base | result | {"status": "completed"})
+    with _SignalsInterrupt() as signals:
+        try:
+            atomic_write_json(run_dir / RESULT_FILE, base)
+            tracker = Tracker(cfg.logger, run_dir, base["config"], name=f"{cfg.experiment_name}-seed{cfg.seed}")
+            result = _train(cfg, run_dir, checkpoint, tracker, config)
+            final_checkpoint = result.pop("final_checkpoint", None)
+            atomic_write_json(run_dir / RESULT_FILE, base | result | {"status": "completed"})
+        except BaseException as e:
+            signals.disarm()  # a second signal must not cut the status write short
+            status = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed"
+            _record_status(run_dir, base | {"status": status, "error": {"type": type(e).__name__, "message": str(e)}})
+            if tracker is not None:
+                tracker.finish(exit_code=1)
+            raise
+    # Complete: the end-of-run checkpoint (kept only so that failed final writes can resume) goes.
+    if final_checkpoint is not None:
+        Path(final_checkpoint).unlink(missing_ok=True)
+        try:
+            Path(final_checkpoint).parent.rmdir()
+        except OSError:  # other checkpoints kept (train.keep_checkpoints)
+            pass
     tracker.finish()
-    return result["metrics"]["best"][cfg.task.main_metric]
+    return result["metrics"]["best"][cfg.task.main_metric] if result["metrics"]["best"] else None
+
+
+def _check_resume(run_dir: Path, checkpoint: Path, config: dict, previous: dict | None) -> None:
+    """The checkpoint's own settings decide whether this run may continue it."""
+    old = checkpoint_config(checkpoint)
+    if old is None and previous and isinstance(previous.get("config"), dict):
+        old = previous["config"]  # a checkpoint written before checkpoints carried their settings
+    if old is None:
+        raise ConfigError(
+            f"{checkpoint} does not record the settings it was written with, and {run_dir / RESULT_FILE} is "
+            "missing or unreadable; delete the checkpoint to start over, or choose another run dir"
+        )
+    old_method, new_method = (c.get("method", {}).get("name") for c in (old, config))
+    if old_method != new_method:
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of method {old_method}, not {new_method}; "
+            f"resume with method={old_method}, or choose another run dir"
+        )
+    changes = config_changes(old, config)
+    if changes:
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a run with other settings ({'; '.join(changes[:3])}{more}); "
+            "resume with the same settings, or choose another run dir"
+        )
+
+
+def _record_status(run_dir: Path, record: dict) -> None:
+    """Write the final status; on a full disk, in place (needs no second copy's space)."""
+    path = run_dir / RESULT_FILE
+    try:
+        atomic_write_json(path, record)
+    except Exception:
+        try:
+            write_status_in_place(path, record)
+        except Exception as e:
+            log.warning("could not record status %s in %s (%s)", record["status"], path, type(e).__name__)
+
+
+class _SignalsInterrupt:
+    """SIGTERM/SIGINT outside the training loop (loading, tokenising, final writes) raise
+    :class:`Interrupted`, so the run records ``interrupted`` instead of dying as ``running``.
+    The training loop installs its own handlers (checkpoint, then stop) and restores these."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._previous: dict = {}
+        self._armed = True
+
+    def _handler(self, signum, frame) -> None:
+        if self._armed:
+            self._armed = False
+            raise Interrupted(
+                f"stopped by signal {signum} outside the training loop; run the same command again to "
+                "resume from the last checkpoint (or start over if there is none)"
+            )
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def __enter__(self) -> _SignalsInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def inject_with_head(
@@ -255,11 +339,11 @@ def protocol_of(cfg: DictConfig) -> dict:
     return {"shared": shared, "recipe": recipe}
 
 
-def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker) -> dict:
-    _validate(cfg)
+def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker, config: dict) -> dict:
     seed_everything(int(cfg.seed), bool(cfg.train.get("deterministic", True)))
     device = _device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
+    check_sequence_length(cfg, tokenizer)
     task = build_task(cfg.task, cfg.data, tokenizer, int(cfg.seed))
     total_steps, steps_per_epoch = total_steps_for(len(task.train), cfg.train)
     warmup = (
@@ -298,6 +382,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         seed=int(cfg.seed),
         log=tracker.log,
         group_by_length=bool(cfg.data.get("group_by_length")),
+        config=config,
     )
     log.info(
         "%s | %s | %s: %d train features, %d steps (%d/epoch), %d adapter + %d head params, data %s",
@@ -324,6 +409,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
             "peak_mem_mb": summary["peak_mem_mb"],
         },
         "data": task.info,
+        "final_checkpoint": summary["final_checkpoint"],
         **outputs,
     }
 
@@ -356,7 +442,7 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(e, Interrupted):
             sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
-            return None
+            return e  # the sweep summary counts the job failed (its result.json may be another run's)
         sys.exit(2)
     except Exception:
         if _is_multirun():

@@ -11,7 +11,13 @@ to continue bit-identically: weights, optimizer (grown groups included), per-gro
 schedules, the method's allocator state, RNG states and the data position (batches are a
 pure function of seed and epoch, so the step number is the data position). A non-finite
 loss or gradient norm stops the run (:class:`TrainingDiverged`) before the optimizer step,
-after checkpointing the weights as they were: the last good state.
+after checkpointing the weights as they were: the last good state. An update that makes the
+parameters or the optimizer state non-finite stops the run too; nothing non-finite is ever
+checkpointed, so the newest checkpoint on disk is the last good state. Checkpoints carry the
+resolved config of their run, which decides whether a later run may resume them.
+
+A checkpoint of the end state is written before the final evaluation and the final files, so
+a failure there (a full disk) leaves a resumable run; the run removes it once complete.
 """
 
 from __future__ import annotations
@@ -103,6 +109,30 @@ def optimizer_step(step: int, model, method, optimizer, scheduler) -> float:
     return hook_s
 
 
+def all_finite(tensors) -> bool:
+    """Whether every floating tensor holds only finite values: one max-|x| kernel per
+    (device, dtype) group (NaN and inf propagate into the max), one sync."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    return all(bool(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()) for ts in groups.values())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -173,6 +203,7 @@ class Trainer:
         seed: int,
         log: Callable[[dict, int], None] = lambda values, step: None,
         group_by_length: bool = False,
+        config: dict | None = None,
     ) -> None:
         self.model = model
         self.method = method
@@ -187,6 +218,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.seed = seed
         self.log = log
+        self.config = config  # the run's resolved settings, stored in every checkpoint
         self.lengths = task.train_lengths if group_by_length else None
         self.state = LoopState()
         self.eval_every = int(train_cfg.eval_every or steps_per_epoch)
@@ -211,9 +243,19 @@ class Trainer:
             n for n, p in self.model.named_parameters() if p.requires_grad or ".lora_" in n or ".core." in n
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, prune: bool = True) -> Path:
+        """Write the state after ``state.step`` steps; never a non-finite one. ``prune=False``
+        keeps the older checkpoints (the end-of-run checkpoint is not one of the kept ones)."""
         keys = self._checkpoint_keys()
+        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not all_finite(trained + _optimizer_tensors(self.optimizer)):
+            raise TrainingDiverged(
+                f"refusing to checkpoint non-finite parameters or optimizer state at step {self.state.step}; "
+                f"{self._last_good()}"
+            )
         payload = {
+            "config": self.config,
+            "method_name": self.method.name,
             "step": self.state.step,
             "model": {k: v for k, v in self.model.state_dict().items() if k in keys},
             "optimizer": self.optimizer.state_dict(),
@@ -223,11 +265,18 @@ class Trainer:
             "loop": self.state.__dict__,
         }
         path = self.run_dir / CHECKPOINT_DIR / f"step-{self.state.step:08d}.pt"
-        with atomic_path(path) as tmp:
+        with atomic_path(path, need_bytes=_nbytes(payload)) as tmp:
             torch.save(payload, tmp)
-        for old in sorted(path.parent.glob("step-*.pt"))[: -self.keep_checkpoints]:
-            old.unlink()
+        if prune:
+            for old in sorted(path.parent.glob("step-*.pt"))[: -self.keep_checkpoints]:
+                old.unlink()
         return path
+
+    def _last_good(self) -> str:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return "no checkpoint was saved before (train.checkpoint_every=0)"
+        return f"the last good state is {path}"
 
     def load_checkpoint(self, path: Path) -> None:
         # Temp files of a checkpoint write cut short by a kill: never complete, never read.
@@ -235,6 +284,11 @@ class Trainer:
             stale.unlink(missing_ok=True)
         try:
             payload = torch.load(path, map_location=self.device, weights_only=False)
+            if payload.get("method_name", self.method.name) != self.method.name:
+                raise TriadaptError(
+                    f"{path} is a checkpoint of method {payload['method_name']}, not {self.method.name}; "
+                    "resume with its method, or choose another run dir"
+                )
             self.method.load_state_dict(payload["method"], self.model, self.optimizer, self.scheduler)
             missing, unexpected = self.model.load_state_dict(payload["model"], strict=False)
             if unexpected or (self._checkpoint_keys() - set(payload["model"])):
@@ -260,20 +314,31 @@ class Trainer:
         s = self.state
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             metrics = self.task.evaluate(self.model, self.device, int(self.cfg.eval_batch_size), self.run_dir if final else None)
+        # Strict JSON has no NaN: an undefined metric (a correlation over constant labels) is
+        # recorded as null, with the reason beside it, and never counts as the best evaluation.
+        undefined = {k: v for k, v in metrics.items() if v is None or not math.isfinite(v)}
+        metrics = {k: None if k in undefined else v for k, v in metrics.items()}
         record = {"step": s.step, "epoch": round(s.step / self.steps_per_epoch, 4), "metrics": metrics}
+        if undefined:
+            record["undefined"] = {
+                k: f"{v} is not a number: undefined here (e.g. a correlation over constant labels or predictions)"
+                for k, v in undefined.items()
+            }
         s.evals.append(record)
-        if s.best is None or metrics[self.main_metric] > s.best[self.main_metric]:
+        value = metrics.get(self.main_metric)
+        best = None if s.best is None else s.best.get(self.main_metric)
+        if value is not None and (best is None or value > best):
             s.best, s.best_step = metrics, s.step
             if self.cfg.get("save_adapter", True):
                 self.save_adapter("adapter_best.safetensors")
         write_metrics_log(self.run_dir, s.evals)
-        log.info("step %d/%d eval: %s", s.step, self.total_steps, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        self.log({f"eval/{k}": v for k, v in metrics.items()}, s.step)
+        log.info("step %d/%d eval: %s", s.step, self.total_steps, ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        self.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, s.step)
         return metrics
 
     def save_adapter(self, name: str) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.method.adapter_state(self.model).items()}
-        with atomic_path(self.run_dir / name) as tmp:
+        with atomic_path(self.run_dir / name, need_bytes=_nbytes(tensors)) as tmp:
             save_file(tensors, str(tmp))
 
     # -- the loop --------------------------------------------------------------------------
@@ -327,6 +392,14 @@ class Trainer:
             if not torch.isfinite(grad_norm):
                 self._diverged(f"gradient norm is {grad_norm.item()}")
             hook_s = optimizer_step(s.step, model, self.method, self.optimizer, self.scheduler)
+            # The update itself can overflow (train.lr=inf, a huge second moment): stop before
+            # such a state is evaluated, saved as the best adapter or checkpointed.
+            trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if not all_finite(trained + _optimizer_tensors(self.optimizer)):
+                raise TrainingDiverged(
+                    f"the update at step {s.step} made parameters or optimizer state non-finite; {self._last_good()}. "
+                    "Lower train.lr or fix the data, then start a new run dir"
+                )
             dt = time.perf_counter() - t0
             s.step += 1
             s.train_s += dt
@@ -336,6 +409,8 @@ class Trainer:
             running_reg += 0.0 if reg is None else reg.item()
             n_running += 1
             bar.update(1)
+            if s.step == self.total_steps:
+                self.save_checkpoint(prune=False)  # the final writes below may fail; this resumes them
             if s.step % int(self.cfg.log_every) == 0 or s.step == self.total_steps:
                 lr = self.optimizer.param_groups[0]["lr"]
                 values = {"train/loss": running / n_running, "train/lr": lr, "train/epoch": s.step / self.steps_per_epoch}
@@ -348,7 +423,7 @@ class Trainer:
                 running, running_reg, n_running = 0.0, 0.0, 0
             if s.step % self.eval_every == 0 or s.step % self.steps_per_epoch == 0 or s.step == self.total_steps:
                 metrics = self.evaluate(final=s.step == self.total_steps)
-                postfix[self.main_metric] = f"{metrics[self.main_metric]:.4f}"
+                postfix[self.main_metric] = _fmt(metrics[self.main_metric])
                 bar.set_postfix(postfix)
             if self.checkpoint_every and s.step % self.checkpoint_every == 0 and s.step < self.total_steps:
                 self.save_checkpoint()
@@ -369,12 +444,32 @@ class Trainer:
             "hook_s": s.hook_s,
             "step_s_median": statistics.median(s.step_times) if s.step_times else None,
             "peak_mem_mb": peak_memory_mb(self.device),
+            "final_checkpoint": self.run_dir / CHECKPOINT_DIR / f"step-{s.step:08d}.pt",
         }
+
+
+def _fmt(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_config(path: Path) -> dict | None:
+    """The resolved config a checkpoint was written with (None: written before checkpoints
+    carried it). An unreadable checkpoint is a one-line error, and is kept."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(payload, dict) or "step" not in payload:
+            raise ValueError("not a triadapt checkpoint")
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]  # torch errors may append a C++ backtrace
+        raise TriadaptError(
+            f"cannot resume from {path} ({type(e).__name__}: {reason}); delete the checkpoint or the run dir to start over"
+        ) from None
+    return payload.get("config")
 
 
 def total_steps_for(n_train: int, train_cfg) -> tuple[int, int]:

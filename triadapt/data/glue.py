@@ -1,13 +1,16 @@
 """GLUE: hub (``nyu-mll/glue``) or a local folder in the original GLUE TSV layout.
 
 The local files are the ones ``download_glue_data.py`` writes (``MRPC/train.tsv``,
-``CoLA/dev.tsv``, ``MNLI/dev_matched.tsv``, …). They are parsed with ``QUOTE_NONE``:
-QNLI and MRPC hold stray ``"`` characters that break default CSV quoting.
+``CoLA/dev.tsv``, ``MNLI/dev_matched.tsv``, …): UTF-8 (a BOM allowed), one example per
+line, fields split on every tab, no quoting (QNLI and MRPC hold stray ``"`` characters that
+are text). Malformed files are refused, never reinterpreted: every row must have exactly the
+header's number of fields (a tab inside a field, even a quoted one, shows up as an extra
+field), every line must decode as UTF-8, and blank lines are errors, except blank lines at
+the very end of the file, which are ignored. Each error names the file and line.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,6 @@ from triadapt.data import TaskData, resolve_data_dir
 from triadapt.errors import ConfigError, DataError
 from triadapt.metrics import compute_metrics
 
-csv.field_size_limit(1 << 30)
-
 
 @dataclass(frozen=True)
 class LocalFormat:
@@ -32,6 +33,7 @@ class LocalFormat:
     label_column: str | int
     labels: dict[str, int] | None  # raw label → id; None for regression
     header: bool = True
+    columns: int | None = None  # fields per row of a file without header
 
 
 _NLI3 = {"entailment": 0, "neutral": 1, "contradiction": 2}
@@ -39,7 +41,7 @@ _NLI2 = {"entailment": 0, "not_entailment": 1}
 _BINARY = {"0": 0, "1": 1}
 
 LOCAL_FORMATS = {
-    "cola": LocalFormat((3,), 1, _BINARY, header=False),
+    "cola": LocalFormat((3,), 1, _BINARY, header=False, columns=4),
     "sst2": LocalFormat(("sentence",), "label", _BINARY),
     "mrpc": LocalFormat(("#1 String", "#2 String"), "Quality", _BINARY),
     "qqp": LocalFormat(("question1", "question2"), "is_duplicate", _BINARY),
@@ -56,8 +58,7 @@ def read_glue_tsv(path: Path, task: str) -> tuple[list[tuple[str, ...]], list[fl
     fmt = LOCAL_FORMATS[task]
     if not path.is_file():
         raise DataError(f"GLUE file {path} not found; data.dir must hold the GLUE folders ({path.parent.name}/…)")
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path} is empty")
     if fmt.header:
@@ -70,11 +71,15 @@ def read_glue_tsv(path: Path, task: str) -> tuple[list[tuple[str, ...]], list[fl
         label_idx = header.index(fmt.label_column)
     else:
         text_idx, label_idx = list(fmt.text_columns), fmt.label_column
-    width = max(*text_idx, label_idx) + 1
+    width = len(header) if fmt.header else fmt.columns
     texts, labels = [], []
     for line_no, row in enumerate(rows, start=2 if fmt.header else 1):
-        if len(row) < width:
-            raise DataError(f"{path}:{line_no} has {len(row)} columns, expected at least {width}")
+        if len(row) != width:
+            where = "the header has" if fmt.header else f"{task} files have"
+            raise DataError(
+                f"{path}:{line_no} has {len(row)} tab-separated fields, {where} {width}"
+                + (" (a tab inside a field?)" if len(row) > width else "")
+            )
         raw = row[label_idx].strip()
         if fmt.labels is None:
             try:
@@ -87,6 +92,26 @@ def read_glue_tsv(path: Path, task: str) -> tuple[list[tuple[str, ...]], list[fl
             raise DataError(f"{path}:{line_no} label {raw!r} is not one of {sorted(fmt.labels)}")
         texts.append(tuple(row[i] for i in text_idx))
     return texts, labels
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    """Lines split on tabs; undecodable bytes and inner blank lines are errors naming the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line_no} is not valid UTF-8 (byte 0x{data[e.start]:02x}); GLUE files are UTF-8"
+        ) from None
+    lines = text.split("\n")
+    lines = [line.removesuffix("\r") for line in lines]
+    while lines and not lines[-1].strip():  # a final newline, or blank lines at the end
+        lines.pop()
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise DataError(f"{path}:{line_no} is blank; only blank lines at the end of a file are ignored")
+    return [line.split("\t") for line in lines]
 
 
 def _load_local(task_cfg, root: Path, split_stem: str):

@@ -125,7 +125,9 @@ class IncreLoRA(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         params = []
+        widest = 0  # the largest min(d_in, d_out): a module may grow past its own, not the average past all
         for name, linear in find_target_linears(model, self.ctx.target_modules):
+            widest = max(widest, min(linear.in_features, linear.out_features))
             scale = self._scale(self.init_rank)
             layer = AdaptedLinear(linear, DiagonalCore(), dropout=float(self.cfg.dropout), scale=scale)
             # λ = 0 and a, b ~ N(0, 0.02²): ΔW = 0 at step 0, yet every factor gets a gradient.
@@ -136,6 +138,12 @@ class IncreLoRA(Method):
         self.total = self.n * self.init_rank
         if self.target_total is None:
             self.target_total = self.target_avg * self.n
+        if self.target_total > widest * self.n:
+            raise ConfigError(
+                f"IncreLoRA target total rank {self.target_total} (method.target_rank={self.cfg.target_rank}, "
+                f"method.target_total_rank={self.cfg.get('target_total_rank')}) is too large: its average over the "
+                f"{self.n} adapted matrices exceeds min(d_in, d_out) = {widest} of every one"
+            )
         self._check_schedule()
         if self.total < self.target_total:
             self._attach_hooks(model)
