@@ -148,7 +148,7 @@ def test_regression_and_qa_heads_export(tmp_path, tiny_glue_dir, shared_data):
     cases = [
         ("stsb", AutoModelForSequenceClassification,
          ["method=triadapt", "task=glue/stsb", f"data.dir={tiny_glue_dir}", "method.incre_interval=2",
-          "method.incre_rank_num=1"]),
+          "method.incre_rank_num=2"]),
         ("squad", AutoModelForQuestionAnswering,
          ["method=adalora", "task=squad_v2_devsplit", f"data.dir={shared_data}/squad_v2", "data.max_train_samples=24",
           "data.max_eval_samples=16", "task.max_seq_length=128", "task.doc_stride=64"]),

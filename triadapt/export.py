@@ -311,8 +311,14 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
         if kind == "diagonal":
             out["lora_E"] = core.reshape(-1, 1)
         return out
-    return {key: getattr(layer, key)["default"].weight if key != "lora_E" else layer.lora_E["default"]
-            for key in ("lora_A", "lora_B", "lora_E") if hasattr(layer, key)}
+    out = {key: getattr(layer, key)["default"] for key in ("lora_A", "lora_B", "lora_E") if hasattr(layer, key)}
+    return {key: v.weight if isinstance(v, nn.Linear) else v for key, v in out.items()}  # LoRA: Linear; AdaLoRA: tensors
+
+
+def _peft_scale(layer) -> float:
+    """The factor peft applies to B·A (AdaLoRA divides its scaling by the rank in the forward)."""
+    scale = float(layer.scaling["default"])
+    return scale / (float(layer.ranknum["default"]) + 1e-5) if hasattr(layer, "ranknum") else scale
 
 
 @torch.no_grad()
@@ -335,10 +341,9 @@ def export_peft(run: Run, out: str | Path) -> Path:
                 target = getattr(module, key)["default"]
                 (target.weight if isinstance(target, nn.Linear) else target).copy_(value)
             mine = ours[pname.removeprefix(prefix)]
-            scale = mine.scale if isinstance(mine, AdaptedLinear) else mine.scaling["default"]
-            theirs = module.scaling["default"] / ((module.ranknum["default"] + 1e-5) if hasattr(module, "ranknum") else 1)
-            if abs(float(scale) - float(theirs)) > 1e-6 * abs(float(scale)):
-                raise ConfigError(f"{pname}: scale {float(scale)} has no peft equivalent ({float(theirs)})")
+            scale = float(mine.scale) if isinstance(mine, AdaptedLinear) else _peft_scale(mine)
+            if abs(scale - _peft_scale(module)) > 1e-6 * abs(scale):
+                raise ConfigError(f"{pname}: scale {scale} has no peft equivalent ({_peft_scale(module)})")
     for pname, module in peft_model.named_modules():
         if type(module).__name__ == "ModulesToSaveWrapper" and pname.startswith(prefix):
             module.modules_to_save["default"].load_state_dict(ours[pname.removeprefix(prefix)].state_dict())
