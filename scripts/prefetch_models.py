@@ -44,7 +44,9 @@ def models_of(overrides: Sequence[str]) -> list[str]:
     try:
         cfg = _compose(fixed + ([f"model={swept[0]}"] if swept else []))
     except Exception as err:  # Hydra's errors name the bad override
-        raise PrefetchError(f"cannot compose {' '.join(overrides) or 'the default config'}: {str(err).splitlines()[0]}") from None
+        raise PrefetchError(
+            f"cannot compose {' '.join(overrides) or 'the default config'}: {str(err).splitlines()[0]}"
+        ) from None
     params = cfg.hydra.get("sweeper", {}).get("params") or {}
     for key, value in params.items():
         if key == "model":

@@ -159,22 +159,30 @@ def prepare(out: str | Path, tasks: Sequence[str], load_dataset: Callable | None
     out = Path(out)
     written: list[str] = []
     for task in tasks:
-        written += prepare_squad(out, load_dataset, log) if task == "squad_v2" else prepare_glue(out, task, load_dataset, log)
+        written += (
+            prepare_squad(out, load_dataset, log) if task == "squad_v2" else prepare_glue(out, task, load_dataset, log)
+        )
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write (it gets glue/ and squad_v2/)")
-    parser.add_argument("--tasks", default="all", help="comma-separated: GLUE short names and/or squad_v2 (default: all)")
+    parser.add_argument(
+        "--tasks", default="all", help="comma-separated: GLUE short names and/or squad_v2 (default: all)"
+    )
     args = parser.parse_args(argv)
-    tasks = [*glue_tasks(), "squad_v2"] if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = (
+        [*glue_tasks(), "squad_v2"] if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    )
     try:
         written = prepare(args.out, tasks)
     except PrepareError as err:
         sys.exit(f"error: {err}")
-    print(f"wrote {len(written)} file(s) under {args.out}; use data.dir={Path(args.out) / 'glue'} "
-          f"(GLUE) or data.dir={Path(args.out) / 'squad_v2'} (SQuAD)")
+    print(
+        f"wrote {len(written)} file(s) under {args.out}; use data.dir={Path(args.out) / 'glue'} "
+        f"(GLUE) or data.dir={Path(args.out) / 'squad_v2'} (SQuAD)"
+    )
     return written
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import REPO, compose
+from conftest import compose
 
 BASE = ["logger=none", "hparams=none", "model=tiny_bert", "train.batch_size=8", "train.lr=5e-3"]
 #: per method: a 24-step run in which allocation happens (AdaLoRA masks, IncreLoRA/TriAdaptLoRA grow)
@@ -65,8 +64,17 @@ def runs(tmp_path_factory):
 def finished_run(runs, tmp_path_factory, tiny_glue_dir, method: str) -> tuple[Path, dict]:
     if method not in runs:
         run_dir = tmp_path_factory.mktemp(method) / "run"
-        result = run_once(run_dir, [f"method={method}", "task=glue/mrpc", f"data.dir={tiny_glue_dir}",
-                                    f"train.max_steps={STEPS}", "train.eval_every=6", *SCHEDULES[method]])
+        result = run_once(
+            run_dir,
+            [
+                f"method={method}",
+                "task=glue/mrpc",
+                f"data.dir={tiny_glue_dir}",
+                f"train.max_steps={STEPS}",
+                "train.eval_every=6",
+                *SCHEDULES[method],
+            ],
+        )
         runs[method] = run_dir, result
     return runs[method]
 
@@ -128,7 +136,9 @@ def test_peft_export_loads_with_peft(method, runs, tmp_path_factory, tiny_glue_d
 
 
 @pytest.mark.parametrize("method", ["triadapt", "increlora", "full"])
-def test_peft_export_of_other_methods_points_at_merged(method, runs, tmp_path_factory, tiny_glue_dir, tmp_path, capsys):
+def test_peft_export_of_other_methods_points_at_merged(
+    method, runs, tmp_path_factory, tiny_glue_dir, tmp_path, capsys
+):
     from triadapt.export import main
 
     run_dir, _ = finished_run(runs, tmp_path_factory, tiny_glue_dir, method)
@@ -163,7 +173,8 @@ def test_regression_and_qa_heads_export(tmp_path, tiny_glue_dir, shared_data):
         for key, value in result["metrics"]["final"].items():
             assert metrics[key] == pytest.approx(value, abs=1e-6), (name, key)
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "stsb-merged").config.problem_type == (
-        "regression")
+        "regression"
+    )
 
 
 def test_merged_export_loads_without_triadapt(runs, tmp_path_factory, tiny_glue_dir, tmp_path):

@@ -92,9 +92,9 @@ def test_modules_load_offline_with_the_hub_metrics_names():
 def test_glue_module_gives_todays_numbers_on_real_dev_sets(task, glue_dir):
     import evaluate
     import numpy as np
+    from conftest import CONF
     from omegaconf import OmegaConf
 
-    from conftest import CONF
     from triadapt.data.glue import read_glue_tsv
     from triadapt.evaluate_metrics import path
 

@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONF, REPO
+from omegaconf import OmegaConf
 
 
 def script(name: str):
@@ -28,7 +27,10 @@ def offline_env(tmp_path) -> dict:
 
 
 GLUE_ROWS = {
-    "mrpc": [{"sentence1": "a b", "sentence2": 'he said "no', "label": 1}, {"sentence1": "c\td", "sentence2": "e", "label": 0}],
+    "mrpc": [
+        {"sentence1": "a b", "sentence2": 'he said "no', "label": 1},
+        {"sentence1": "c\td", "sentence2": "e", "label": 0},
+    ],
     "cola": [{"sentence": "The cat sat.", "label": 1}, {"sentence": "Cat the sat.", "label": 0}],
     "stsb": [{"sentence1": "x", "sentence2": "y", "label": 3.8}, {"sentence1": "z", "sentence2": "w", "label": 0.0}],
     "mnli": [{"premise": "p", "hypothesis": "h", "label": 2}, {"premise": "q", "hypothesis": "i", "label": 0}],
@@ -81,8 +83,14 @@ def test_prepare_data_writes_what_the_harness_reads(tmp_path):
 
 
 def test_prepare_data_offline_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/prepare_data.py", str(tmp_path / "out"), "--tasks", "mrpc"],
-                          cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", str(tmp_path / "out"), "--tasks", "mrpc"],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot download nyu-mll/glue/mrpc from the hub"), done.stderr[-2000:]
@@ -93,10 +101,13 @@ def test_prefetch_models_finds_the_sweeps_hub_models():
     prefetch_models = script("prefetch_models")
     assert prefetch_models.models_of(["experiment=paper_glue_r8"]) == ["deberta_v3_base"]
     assert prefetch_models.models_of(["model=bert_base_uncased,deberta_v3_base", "method=lora"]) == [
-        "bert_base_uncased", "deberta_v3_base"]
+        "bert_base_uncased",
+        "deberta_v3_base",
+    ]
     fetched, lines = [], []
     assert prefetch_models.prefetch(["model=bert_base_uncased,minilm_l6"], fetched.append, lines.append) == [
-        "google-bert/bert-base-uncased"]
+        "google-bert/bert-base-uncased"
+    ]
     assert fetched == ["google-bert/bert-base-uncased"] and "minilm_l6: nothing to fetch (package model)" in lines
     assert prefetch_models.prefetch(["experiment=cpu_glue"], fetched.append, lines.append) == []
     with pytest.raises(prefetch_models.PrefetchError, match="unknown model 'bert'; choose from bert_base_uncased"):
@@ -106,8 +117,14 @@ def test_prefetch_models_finds_the_sweeps_hub_models():
 
 
 def test_prefetch_models_offline_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/prefetch_models.py", "model=bert_base_uncased"],
-                          cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "scripts/prefetch_models.py", "model=bert_base_uncased"],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot fetch google-bert/bert-base-uncased"), done.stderr[-2000:]

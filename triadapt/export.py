@@ -106,8 +106,14 @@ def load_run(run_dir: str | Path, which: str = "best") -> Run:
         )
     tensors, _ = _read(adapter)
     rest, meta = _read(head)
-    return Run(run_dir, OmegaConf.create(result["config"]), result, which, tensors | rest,
-               {k: float(v) for k, v in json.loads(meta.get("scales", "{}")).items()})
+    return Run(
+        run_dir,
+        OmegaConf.create(result["config"]),
+        result,
+        which,
+        tensors | rest,
+        {k: float(v) for k, v in json.loads(meta.get("scales", "{}")).items()},
+    )
 
 
 # --------------------------------------------------------------------------- rebuild
@@ -196,8 +202,11 @@ def merge(model: nn.Module) -> nn.Module:
                 a, b, kind, core = module.factors()
                 w = base.weight
                 # the function the evaluation path folds with: the same numbers the run scored
-                merged = (_folded_weight(w, a, b, core, kind, float(module.scale)) if kind is not None
-                          else w + module.delta_weight())
+                merged = (
+                    _folded_weight(w, a, b, core, kind, float(module.scale))
+                    if kind is not None
+                    else w + module.delta_weight()
+                )
                 base.weight.copy_(merged)
             _replace(model, name, base)
         elif isinstance(module, BaseTunerLayer):
@@ -297,7 +306,7 @@ def _peft_config(run: Run, model: nn.Module):
     s = AdaLoRASettings.from_config(m, _context(run))
     # The masked singular values travel as zeros, so the outputs are those of the run.
     return AdaLoraConfig(
-        init_r=s.init_rank, target_r=int(round(s.target_rank)), tinit=s.schedule.tinit, tfinal=s.schedule.tfinal,
+        init_r=s.init_rank, target_r=round(s.target_rank), tinit=s.schedule.tinit, tfinal=s.schedule.tfinal,
         deltaT=s.schedule.delta_t, beta1=s.beta1, beta2=s.beta2, orth_reg_weight=s.orth_reg_weight,
         total_step=s.schedule.total_steps, **common,
     )  # fmt: skip
@@ -312,7 +321,9 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
             out["lora_E"] = core.reshape(-1, 1)
         return out
     out = {key: getattr(layer, key)["default"] for key in ("lora_A", "lora_B", "lora_E") if hasattr(layer, key)}
-    return {key: v.weight if isinstance(v, nn.Linear) else v for key, v in out.items()}  # LoRA: Linear; AdaLoRA: tensors
+    return {
+        key: v.weight if isinstance(v, nn.Linear) else v for key, v in out.items()
+    }  # LoRA: Linear; AdaLoRA: tensors
 
 
 def _peft_scale(layer) -> float:
@@ -378,8 +389,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     main_metric = run.cfg.task.main_metric
     value = run.metrics.get(main_metric)
     score = f"{main_metric}={value:.4f}" if isinstance(value, (int, float)) else "no metric recorded"
-    head = "AutoModelForQuestionAnswering" if run.cfg.task.kind == "question_answering" else (
-        "AutoModelForSequenceClassification")
+    head = (
+        "AutoModelForQuestionAnswering"
+        if run.cfg.task.kind == "question_answering"
+        else ("AutoModelForSequenceClassification")
+    )
     how = f"{head}.from_pretrained({str(out)!r})" if args.merged else f"PeftModel.from_pretrained(base, {str(out)!r})"
     print(f"exported {run.dir} ({run.which} checkpoint, step {run.step}, {score}) to {out}; load with {how}")
     return out

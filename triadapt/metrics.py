@@ -25,7 +25,10 @@ GLUE_CONFIGS = {
     "stsb": ("pearson", "spearmanr"),
     "mrpc": ("accuracy", "f1"),
     "qqp": ("accuracy", "f1"),
-    **{name: ("accuracy",) for name in ("sst2", "mnli", "mnli_mismatched", "mnli_matched", "qnli", "rte", "wnli", "hans")},
+    **{
+        name: ("accuracy",)
+        for name in ("sst2", "mnli", "mnli_mismatched", "mnli_matched", "qnli", "rte", "wnli", "hans")
+    },
 }
 #: metric name → the glue configuration that computes it
 _CONFIG_OF = {"accuracy": "sst2", "f1": "mrpc", "matthews_correlation": "cola", "pearson": "stsb", "spearmanr": "stsb"}
@@ -89,8 +92,10 @@ def compute_squad_v2(
             for ex in examples
         ],
         references=[
-            {"id": ex["id"], "answers": {"text": list(ex["answers"]["text"]),
-                                         "answer_start": list(ex["answers"]["answer_start"])}}
+            {
+                "id": ex["id"],
+                "answers": {"text": list(ex["answers"]["text"]), "answer_start": list(ex["answers"]["answer_start"])},
+            }
             for ex in examples
         ],
         no_answer_threshold=no_answer_threshold,

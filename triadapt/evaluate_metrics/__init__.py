@@ -22,7 +22,7 @@ def path(name: str) -> str:
     return str(Path(__file__).parent / name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name: str, config_name: str | None = None):
     """The loaded module (once per process), computing in memory (no cache files)."""
     import evaluate

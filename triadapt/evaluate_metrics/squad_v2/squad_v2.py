@@ -35,19 +35,21 @@ class SquadV2(evaluate.Metric):
             description=__doc__,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": {
-                    "id": datasets.Value("string"),
-                    "prediction_text": datasets.Value("string"),
-                    "no_answer_probability": datasets.Value("float64"),
-                },
-                "references": {
-                    "id": datasets.Value("string"),
-                    "answers": datasets.features.Sequence(
-                        {"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}
-                    ),
-                },
-            }),  # fmt: skip
+            features=datasets.Features(
+                {
+                    "predictions": {
+                        "id": datasets.Value("string"),
+                        "prediction_text": datasets.Value("string"),
+                        "no_answer_probability": datasets.Value("float64"),
+                    },
+                    "references": {
+                        "id": datasets.Value("string"),
+                        "answers": datasets.features.Sequence(
+                            {"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}
+                        ),
+                    },
+                }
+            ),
         )
 
     def _compute(self, predictions, references, no_answer_threshold=1.0):
