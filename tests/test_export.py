@@ -149,32 +149,38 @@ def test_peft_export_of_other_methods_points_at_merged(
     assert not (tmp_path / "out").exists()
 
 
-def test_regression_and_qa_heads_export(tmp_path, tiny_glue_dir, shared_data):
-    """STS-B (regression head) and SQuAD (QA head): the merged model scores what the run scored."""
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
+def merged_scores_like_the_run(tmp_path, name: str, auto, overrides: list[str]):
     from triadapt.export import main
 
-    cases = [
-        ("stsb", AutoModelForSequenceClassification,
-         ["method=triadapt", "task=glue/stsb", f"data.dir={tiny_glue_dir}", "method.incre_interval=2",
-          "method.incre_rank_num=2"]),
-        ("squad", AutoModelForQuestionAnswering,
-         ["method=adalora", "task=squad_v2_devsplit", f"data.dir={shared_data}/squad_v2", "data.max_train_samples=24",
-          "data.max_eval_samples=16", "task.max_seq_length=128", "task.doc_stride=64"]),
-    ]  # fmt: skip
-    for name, auto, overrides in cases:
-        run_dir = tmp_path / name
-        result = run_once(run_dir, [*overrides, "train.max_steps=12"])
-        out = tmp_path / f"{name}-merged"
-        main([str(run_dir), "--merged", str(out), "--final"])
-        model = auto.from_pretrained(out)
-        metrics = task_of(result).evaluate(model, torch.device("cpu"), 32)
-        for key, value in result["metrics"]["final"].items():
-            assert metrics[key] == pytest.approx(value, abs=1e-6), (name, key)
-    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "stsb-merged").config.problem_type == (
-        "regression"
-    )
+    run_dir = tmp_path / name
+    result = run_once(run_dir, [*overrides, "train.max_steps=12"])
+    out = tmp_path / f"{name}-merged"
+    main([str(run_dir), "--merged", str(out), "--final"])
+    model = auto.from_pretrained(out)
+    metrics = task_of(result).evaluate(model, torch.device("cpu"), 32)
+    for key, value in result["metrics"]["final"].items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), (name, key)
+    return model
+
+
+def test_regression_head_exports(tmp_path, tiny_glue_dir):
+    """STS-B: a regression head (grown TriAdaptLoRA ranks), scored as the run scored it."""
+    from transformers import AutoModelForSequenceClassification
+
+    overrides = ["method=triadapt", "task=glue/stsb", f"data.dir={tiny_glue_dir}", "method.incre_interval=2",
+                 "method.incre_rank_num=2"]  # fmt: skip
+    model = merged_scores_like_the_run(tmp_path, "stsb", AutoModelForSequenceClassification, overrides)
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+
+
+def test_qa_head_exports(tmp_path, shared_data):
+    """SQuAD 2.0 (dev split): a QA head (masked AdaLoRA ranks), scored as the run scored it."""
+    from transformers import AutoModelForQuestionAnswering
+
+    overrides = ["method=adalora", "task=squad_v2_devsplit", f"data.dir={shared_data}/squad_v2",
+                 "data.max_train_samples=24", "data.max_eval_samples=16", "task.max_seq_length=128",
+                 "task.doc_stride=64"]  # fmt: skip
+    merged_scores_like_the_run(tmp_path, "squad", AutoModelForQuestionAnswering, overrides)
 
 
 def test_merged_export_loads_without_triadapt(runs, tmp_path_factory, tiny_glue_dir, tmp_path):
