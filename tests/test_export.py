@@ -84,7 +84,7 @@ def finished_run(runs, tmp_path_factory, tiny_glue_dir, method: str) -> tuple[Pa
 def test_merged_export_reproduces_the_run(method, which, runs, tmp_path_factory, tiny_glue_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from triadapt.export import load_run, main, rebuild
+    from triadapt.export import _base_model, load_run, main, rebuild
 
     run_dir, result = finished_run(runs, tmp_path_factory, tiny_glue_dir, method)
     assert result["status"] == "completed"
@@ -98,12 +98,51 @@ def test_merged_export_reproduces_the_run(method, which, runs, tmp_path_factory,
     metrics = task.evaluate(merged, torch.device("cpu"), 32)
     for key, value in result["metrics"][which].items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
-    trained, _ = rebuild(load_run(run_dir, which))
+    run = load_run(run_dir, which)
+    trained, _ = rebuild(run)
     ours, theirs = logits(trained, task), logits(merged, task)
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    base, _ = _base_model(run.cfg)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert (merged.state_dict()[key] - base.state_dict()[key]).abs().max() > 0  # ΔW is in the weights
     provenance = json.loads((out / "triadapt_export.json").read_text())
     assert provenance["checkpoint"] == which and provenance["method"] == method
+
+
+@pytest.mark.parametrize("method", [m for m in SCHEDULES if m != "full"])
+def test_merged_export_folds_large_adapters_exactly(method, runs, tmp_path_factory, tiny_glue_dir, tmp_path):
+    """A 24-step run leaves a small ΔW; with its adapter tensors replaced by large values (zeros, i.e.
+    masked singular values, kept) the merged model must still give the adapted model's logits."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from triadapt.export import _base_model, load_run, main, rebuild
+
+    run_dir, result = finished_run(runs, tmp_path_factory, tiny_glue_dir, method)
+    big = tmp_path / "run"
+    shutil.copytree(run_dir, big)
+    gen = torch.Generator().manual_seed(0)
+    tensors = load_file(big / "adapter_best.safetensors")
+    tensors = {k: torch.where(t == 0, t, torch.randn(t.shape, generator=gen) * 0.3) for k, t in tensors.items()}
+    save_file(tensors, str(big / "adapter_best.safetensors"))
+    main([str(big), "--merged", str(tmp_path / "merged")])
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    run = load_run(big, "best")
+    trained, _ = rebuild(run)
+    base, _ = _base_model(run.cfg)
+    task = task_of(result)
+    ours, theirs = logits(trained, task), logits(merged, task)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert (merged.state_dict()[key] - base.state_dict()[key]).abs().max() > 1e-2  # a large ΔW was folded
+    for p in trained.parameters():  # without the adapter, the logits are far from these
+        p.requires_grad_(False)
+    head = {k: v for k, v in trained.state_dict().items() if k.startswith(("classifier", "bert.pooler"))}
+    base.load_state_dict(head, strict=False)
+    assert (logits(base, task) - ours).abs().max() > 1e-2
 
 
 def test_grown_and_masked_runs_are_what_they_claim(runs, tmp_path_factory, tiny_glue_dir):
