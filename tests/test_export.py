@@ -273,3 +273,17 @@ def test_export_refuses_bad_inputs(runs, tmp_path_factory, tiny_glue_dir, tmp_pa
         if f.is_file() and not f.name.startswith("head"):
             (old / f.name).write_bytes(f.read_bytes())
     assert "run it again" in error(old, "--merged", tmp_path / "y")
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in run_dir.iterdir():
+        if f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(bad / "adapter_best.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.0"))
+    save_file(tensors | {key: torch.zeros(3, 5)}, str(bad / "adapter_best.safetensors"))
+    message = error(bad, "--merged", tmp_path / "z")
+    assert message.startswith("error: the weights in") and "do not fit" in message and "\n" not in message
+    assert not (tmp_path / "z").exists()

@@ -35,7 +35,14 @@ from torch import nn
 
 from triadapt.errors import ConfigError, TriadaptError
 from triadapt.methods import RunContext, build_method
-from triadapt.methods.core import AdaptedLinear, DiagonalCore, TriangularCore, _folded_weight, adapted_layers
+from triadapt.methods.core import (
+    AdaptedLinear,
+    DiagonalCore,
+    TriangularCore,
+    _folded_weight,
+    adapted_layers,
+    replace_module,
+)
 from triadapt.models import head_parameters, load_model, load_tokenizer
 from triadapt.tracking import read_result
 from triadapt.train import seed_everything
@@ -170,8 +177,12 @@ def rebuild(run: Run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # schedule warnings were shown when the run started
         method.inject(model)
-    _grow_to_saved(model, run.tensors)
-    _, unexpected = model.load_state_dict(run.tensors, strict=False)
+    try:
+        _grow_to_saved(model, run.tensors)
+        _, unexpected = model.load_state_dict(run.tensors, strict=False)
+    except (KeyError, ValueError, RuntimeError) as err:  # a missing factor, a shape that does not fit
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"the weights in {run.dir} do not fit the model its config builds ({reason})") from None
     expected = set(method.adapter_state(model)) | set(head_parameters(model, list(cfg.model.head_modules)))
     missing = sorted(expected - set(run.tensors))
     if unexpected or missing:
@@ -183,11 +194,6 @@ def rebuild(run: Run):
     for name, layer in layers.items():
         layer.scale = run.scales[name]
     return model.eval(), tokenizer
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @torch.no_grad()
@@ -208,10 +214,10 @@ def merge(model: nn.Module) -> nn.Module:
                     else w + module.delta_weight()
                 )
                 base.weight.copy_(merged)
-            _replace(model, name, base)
+            replace_module(model, name, base)
         elif isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True)
-            _replace(model, name, module.get_base_layer())
+            replace_module(model, name, module.get_base_layer())
     for attr in ("peft_config", "_hf_peft_config_loaded"):  # peft's in-place tuners leave these behind
         if hasattr(model, attr) and attr in vars(model):
             delattr(model, attr)
