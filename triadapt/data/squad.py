@@ -337,10 +337,14 @@ def scoring_script(dev_file: Path | None, n_questions: int, subset: bool, thresh
     data = shlex.quote(str(Path(dev_file).resolve())) if dev_file else "dev-v2.0.json"
     where = "" if dev_file else " (the run read the dev set from the hub: give the official file's path)"
     scope = f"the {n_questions} predicted dev questions (--predicted-only)" if subset else "the whole dev set"
-    command = (f"python -m triadapt.squad_eval {data} predictions.json --na-prob-file null_odds.json "
-               f"--na-prob-thresh {threshold!r}" + (" --predicted-only" if subset else ""))
-    return (f"#!/bin/sh\n# Scores this run's predictions as the run did, over {scope}{where}.\n"
-            f'cd "$(dirname "$0")" && {command}\n')
+    command = (
+        f"python -m triadapt.squad_eval {data} predictions.json --na-prob-file null_odds.json "
+        f"--na-prob-thresh {threshold!r}" + (" --predicted-only" if subset else "")
+    )
+    return (
+        f"#!/bin/sh\n# Scores this run's predictions as the run did, over {scope}{where}.\n"
+        f'cd "$(dirname "$0")" && {command}\n'
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
