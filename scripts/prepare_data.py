@@ -1,7 +1,7 @@
 """Download GLUE and SQuAD 2.0 from the hub into the local folder layout the harness reads.
 
 For clusters whose nodes have no internet: run this where the hub is reachable, copy OUT over,
-and point the runs at it (``data.dir=OUT/glue`` for GLUE, ``data.dir=OUT/squad_v2`` for SQuAD, or
+and point the runs at it (``data.dir=OUT/glue`` for GLUE, ``data.dir=OUT`` for SQuAD, or
 ``TRIADAPT_DATA_DIR``)::
 
     python scripts/prepare_data.py OUT                      # every GLUE task of conf/task/glue and SQuAD 2.0
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         sys.exit(f"error: {err}")
     print(
         f"wrote {len(written)} file(s) under {args.out}; use data.dir={Path(args.out) / 'glue'} "
-        f"(GLUE) or data.dir={Path(args.out) / 'squad_v2'} (SQuAD)"
+        f"(GLUE) or data.dir={args.out} (SQuAD)"
     )
     return written
 
