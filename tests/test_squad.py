@@ -330,3 +330,38 @@ def test_devsplit_task_evaluates_tiny_model(tmp_path, tokenizer):
     null_odds = json.loads((tmp_path / "eval" / "null_odds.json").read_text())
     assert set(predictions) == set(null_odds) and len(predictions) == 12
     assert task.evaluate(model, "cpu", 4, None) == metrics  # nothing written, same numbers
+    # The script beside the predictions scores them as the run did (a subset: --predicted-only).
+    script = (tmp_path / "eval" / "score_predictions.sh").read_text()
+    assert "--predicted-only" in script and str(DEV_FILE.resolve()) in script
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["sh", str(tmp_path / "eval" / "score_predictions.sh")], cwd="/", env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    scored = json.loads(done.stdout)
+    assert scored.pop("scored_subset") == "predicted questions only" and scored.pop("dataset_total") == 11873
+    assert scored == pytest.approx(metrics, abs=1e-9)
+    assert "scored the 12 predicted questions of the 11873" in done.stderr
+
+
+def test_cli_scores_the_predicted_subset_only_when_asked(tmp_path):
+    official_file(
+        tmp_path / "data.json",
+        {"The cat sat on the mat.": [("q1", ["cat"]), ("q2", [])], "Paris is big.": [("q3", ["Paris"])]},
+    )
+    (tmp_path / "pred.json").write_text(json.dumps({"q1": "cat", "q2": ""}))
+    cmd = [sys.executable, "-m", "triadapt.squad_eval", "data.json", "pred.json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert done.stderr.strip() == (
+        "error: 1 of 3 questions have no prediction (first: q3); pass --predicted-only to score just the predicted questions"
+    )
+    done = subprocess.run([*cmd, "--predicted-only"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["total"] == 2 and out["exact"] == 100.0 and out["dataset_total"] == 3
+    assert out["scored_subset"] == "predicted questions only"
+    assert "scored the 2 predicted questions of the 3 in data.json" in done.stderr
+    (tmp_path / "pred.json").write_text(json.dumps({"q1": "cat", "zz": ""}))
+    done = subprocess.run([*cmd, "--predicted-only"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "1 predicted question ids are not in data.json" in done.stderr

@@ -7,6 +7,10 @@ or null odds), ``best_exact``/``best_f1`` with their thresholds.
 Command line, with the official interface::
 
     python -m triadapt.squad_eval dev-v2.0.json predictions.json [--na-prob-file null_odds.json]
+
+``--predicted-only`` scores just the questions that have a prediction (a run on
+``squad_v2_devsplit`` or with ``data.max_eval_samples`` predicts a subset of the dev set); the
+output then says so (``scored_subset``, ``dataset_total``) and a note goes to stderr.
 """
 
 from __future__ import annotations
@@ -153,14 +157,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
     parser.add_argument(
         "--na-prob-thresh", "-t", type=float, default=1.0, help="predict no answer above this na score (default 1.0)"
     )
+    parser.add_argument(
+        "--predicted-only",
+        action="store_true",
+        help="score only the questions that have a prediction (a run on a subset of the dev set); stated in the output",
+    )
     args = parser.parse_args(argv)
     try:
-        dataset = _load_json(args.data_file)["data"]
+        data = _load_json(args.data_file)
+        if not isinstance(data, dict) or "data" not in data:
+            raise DataError(f"{args.data_file} is not a SQuAD file (no 'data' list)")
+        gold = gold_answers(data["data"])
         predictions = _load_json(args.pred_file)
         na_probs = _load_json(args.na_prob_file) if args.na_prob_file else None
-        metrics = squad_v2_metrics(gold_answers(dataset), predictions, na_probs, args.na_prob_thresh)
+        if args.predicted_only:
+            unknown = [qid for qid in predictions if qid not in gold]
+            if unknown:
+                raise DataError(
+                    f"{len(unknown)} predicted question ids are not in {args.data_file} (first: {unknown[0]})"
+                )
+            dataset_total = len(gold)
+            gold = {qid: answers for qid, answers in gold.items() if qid in predictions}
+            if not gold:
+                raise DataError(f"{args.pred_file} holds no predictions")
+        metrics = squad_v2_metrics(gold, predictions, na_probs, args.na_prob_thresh)
+    except DataError as err:
+        hint = "; pass --predicted-only to score just the predicted questions" if "no prediction" in str(err) else ""
+        sys.exit(f"error: {err}{hint}")
     except TriadaptError as err:
         sys.exit(f"error: {err}")
+    if args.predicted_only:
+        metrics |= {"scored_subset": "predicted questions only", "dataset_total": dataset_total}
+        print(
+            f"note: scored the {len(gold)} predicted questions of the {dataset_total} in {args.data_file} "
+            "(--predicted-only); not comparable to a full dev-set score",
+            file=sys.stderr,
+        )
     text = json.dumps(metrics, indent=2)
     if args.out_file:
         with open(args.out_file, "w", encoding="utf-8") as f:

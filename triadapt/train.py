@@ -22,6 +22,7 @@ a failure there (a full disk) leaves a resumable run; the run removes it once co
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 from triadapt.data import TaskData
 from triadapt.errors import TrainingDiverged, TriadaptError
 from triadapt.methods.base import Method
+from triadapt.methods.core import adapted_layers
 from triadapt.schedules import GroupedLinearSchedule
 from triadapt.tracking import atomic_path, write_metrics_log
 
@@ -337,9 +339,20 @@ class Trainer:
         return metrics
 
     def save_adapter(self, name: str) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.method.adapter_state(self.model).items()}
+        adapter = self.method.adapter_state(self.model)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
         with atomic_path(self.run_dir / name, need_bytes=_nbytes(tensors)) as tmp:
             save_file(tensors, str(tmp))
+        # Beside it, what else training changed (the task head; IncreLoRA's reserve) and each adapted
+        # layer's scale: with the adapter, enough to rebuild the trained model (python -m triadapt.export).
+        rest = {
+            k: p.detach().contiguous().cpu()
+            for k, p in self.model.named_parameters()
+            if k not in adapter and (p.requires_grad or ".lora_" in k or ".core." in k)
+        }
+        scales = {n: float(layer.scale) for n, layer in adapted_layers(self.model)}
+        with atomic_path(self.run_dir / name.replace("adapter", "head"), need_bytes=_nbytes(rest)) as tmp:
+            save_file(rest, str(tmp), metadata={"scales": json.dumps(scales)})
 
     # -- the loop --------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import random
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 
 from triadapt.data import TaskData, resolve_data_dir
 from triadapt.errors import ConfigError, DataError
-from triadapt.squad_eval import squad_v2_metrics
-from triadapt.tracking import atomic_write_json
+from triadapt.metrics import compute_squad_v2
+from triadapt.tracking import atomic_write_json, atomic_write_text
 
 LOCAL_FILES = {"train": "train-v2.0.json", "eval": "dev-v2.0.json"}
 HUB_SPLITS = {"train": "train", "eval": "validation"}
@@ -62,13 +63,18 @@ def load_official_json(path: Path) -> list[dict]:
     ]
 
 
+def _local_file(task_cfg, root: Path, split: str) -> Path | None:
+    # data.dir may be the data root (holding squad_v2/) or the squad_v2 folder itself.
+    name = LOCAL_FILES[split]
+    return next((p for p in (root / task_cfg["local_dir"] / name, root / name) if p.is_file()), None)
+
+
 def _load_local(task_cfg, root: Path, split: str) -> list[dict]:
     name = LOCAL_FILES[split]
-    # data.dir may be the data root (holding squad_v2/) or the squad_v2 folder itself.
     candidates = [root / task_cfg["local_dir"] / name, root / name]
-    for path in candidates:
-        if path.is_file():
-            return load_official_json(path)
+    path = _local_file(task_cfg, root, split)
+    if path is not None:
+        return load_official_json(path)
     hint = " (only the dev set offline? use task=squad_v2_devsplit)" if split == "train" else ""
     raise DataError(
         f"{name} not found at {candidates[0]} or {candidates[1]}; set data.dir (or TRIADAPT_DATA_DIR) "
@@ -322,6 +328,25 @@ def write_predictions(output_dir: str | Path, predictions: dict[str, str], null_
         atomic_write_json(Path(output_dir) / name, content)
 
 
+SCORING_SCRIPT = "score_predictions.sh"
+
+
+def scoring_script(dev_file: Path | None, n_questions: int, subset: bool, threshold: float) -> str:
+    """The shell script (written beside the predictions) that scores them with the official-equivalent
+    scorer exactly as the run did: its abstention threshold, and ``--predicted-only`` for a subset."""
+    data = shlex.quote(str(Path(dev_file).resolve())) if dev_file else "dev-v2.0.json"
+    where = "" if dev_file else " (the run read the dev set from the hub: give the official file's path)"
+    scope = f"the {n_questions} predicted dev questions (--predicted-only)" if subset else "the whole dev set"
+    command = (
+        f"python -m triadapt.squad_eval {data} predictions.json --na-prob-file null_odds.json "
+        f"--na-prob-thresh {threshold!r}" + (" --predicted-only" if subset else "")
+    )
+    return (
+        f"#!/bin/sh\n# Scores this run's predictions as the run did, over {scope}{where}.\n"
+        f'cd "$(dirname "$0")" && {command}\n'
+    )
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -363,20 +388,27 @@ def evaluate_squad(
     n_best_size: int = 20,
     max_answer_length: int = 30,
     null_score_diff_threshold: float = 0.0,
+    scoring_script: str | None = None,
 ) -> dict[str, float]:
-    """Run the model over the eval windows, post-process, score; writes predictions.json and
-    null_odds.json into ``output_dir`` when one is given."""
+    """Run the model over the eval windows, post-process, score; writes predictions.json,
+    null_odds.json and ``scoring_script`` (as score_predictions.sh) into ``output_dir`` when one is given."""
     starts, ends = predict_logits(model, features, collate, device, batch_size)
     predictions, null_odds = postprocess_predictions(
         examples, features, starts, ends, n_best_size, max_answer_length, null_score_diff_threshold
     )
     if output_dir is not None:
         write_predictions(output_dir, predictions, null_odds)
-    gold = {ex["id"]: ex["answers"]["text"] for ex in examples}
+        if scoring_script is not None:
+            atomic_write_text(Path(output_dir) / SCORING_SCRIPT, scoring_script)
     # The predictions already abstain by null_score_diff_threshold, so no second threshold on the
-    # odds (na_prob_thresh=None); the odds still drive best_exact / best_f1.
-    metrics = squad_v2_metrics(gold, predictions, null_odds, na_prob_thresh=None)
-    return {key: float(value) for key, value in metrics.items()}
+    # odds (no_answer_threshold=None); the odds still drive best_exact / best_f1.
+    return compute_squad_v2(examples, predictions, null_odds, no_answer_threshold=None)
+
+
+def _dev_file(task_cfg, data_cfg, source: str) -> Path | None:
+    """The local dev-v2.0.json the eval questions came from (None when they came from the hub)."""
+    root = resolve_data_dir(data_cfg)
+    return _local_file(task_cfg, root, "eval") if source.startswith("local:") and root is not None else None
 
 
 def _cap(examples: list[dict], limit: int | None) -> list[dict]:
@@ -415,6 +447,12 @@ def build_squad_task(task_cfg, data_cfg, tokenizer, seed: int = 0) -> TaskData:
         n_best_size=task_cfg["n_best_size"],
         max_answer_length=task_cfg["max_answer_length"],
         null_score_diff_threshold=task_cfg["null_score_diff_threshold"],
+        scoring_script=scoring_script(
+            _dev_file(task_cfg, data_cfg, source),
+            len(eval_examples),
+            subset=split_cfg is not None or data_cfg.get("max_eval_samples") is not None,
+            threshold=float(task_cfg["null_score_diff_threshold"]),
+        ),
     )
     info.update(
         source=source,
