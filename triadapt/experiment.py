@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 import traceback
@@ -131,6 +132,7 @@ def _device(name: str) -> torch.device:
 def run(cfg: DictConfig) -> float | None:
     """Run one job; return the best value of the task's main metric (Hydra's objective)."""
     run_dir = run_dir_of(cfg)
+    _validate(cfg)  # before anything is written: a rejected command leaves nothing behind
     previous = read_result(run_dir)
     if previous and previous.get("status") == "completed":
         log.info("%s already completed; skipping (delete it to re-run)", run_dir)
@@ -190,7 +192,6 @@ def inject_with_head(method, model, head_modules: list[str], weight_decay: float
 
 
 def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tracker) -> dict:
-    _validate(cfg)
     seed_everything(int(cfg.seed), bool(cfg.train.get("deterministic", True)))
     device = _device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
@@ -235,7 +236,9 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
     log.info(
         "%s | %s | %s: %d train features, %d steps (%d/epoch), %d adapter + %d head params, data %s",
         cfg.task.name, cfg.method.name, cfg.model.name, len(task.train), total_steps, steps_per_epoch,
-        method.adapter_params(model), sum(p.numel() for p in head.values()), task.info.get("source"),
+        # every allocated adapter tensor (AdaLoRA's effective count is 0 before its λ train)
+        sum(p.numel() for p in method.adapter_state(model).values()), sum(p.numel() for p in head.values()),
+        task.info.get("source"),
     )
     summary = trainer.fit(resume_from=checkpoint)
     report = method.report(model)
@@ -276,26 +279,66 @@ def _write_rank_outputs(run_dir: Path, report: dict, patterns: list[str], tracke
     return {"rank_history": "rank_history.json", "rank_heatmap": "rank_heatmap.png"}
 
 
+def _fresh(run_dir: Path) -> bool:
+    """Nothing in the run dir but what Hydra writes when a job starts (its config and log)."""
+    if not run_dir.exists():
+        return True
+    return all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def _status_of(run_dir: Path) -> str:
+    return (read_result(run_dir) or {}).get("status") or "not started"
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, e: BaseException) -> None:
+    """A sweep job rejected before its run began still leaves a result the summary can name."""
+    if run_dir.is_dir() and not (run_dir / RESULT_FILE).exists():
+        error = {"type": type(e).__name__, "message": str(e)}
+        atomic_write_json(run_dir / RESULT_FILE, _essentials(cfg, run_dir) | {"status": "failed", "error": error})
+
+
 def main(cfg: DictConfig) -> float | None:
-    """Entry point for run.py: one-line errors, non-zero exit, sweeps continue past failures."""
+    """Entry point for run.py: run dir named at start and end, one-line errors (the traceback of an
+    unexpected one goes to the run dir's ``error.log``), the command that resumes an interrupted
+    or failed run, non-zero exit; in a sweep a failed job does not stop the others."""
+    from triadapt.cli import resume_command
+
     started = time.time()
+    run_dir = run_dir_of(cfg)
+    fresh = _fresh(run_dir)
+    shown = _display_path(run_dir)
+    log.info("run dir: %s", shown)
     try:
-        return run(cfg)
-    except TriadaptError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)  # one line; the traceback only with debug=true
+        value = run(cfg)
+        log.info("run dir: %s (%s)", shown, _status_of(run_dir))
+        return value
+    except (TriadaptError, KeyboardInterrupt) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "interrupted"
+        print(f"error: {message}", file=sys.stderr, flush=True)  # one line; the traceback only with debug=true
         if cfg.get("debug"):
             raise
-        if isinstance(e, Interrupted):
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            print(f"resume: {resume_command(run_dir)}", file=sys.stderr, flush=True)
             sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
+            _record_failure(cfg, run_dir, e)
             return None
+        if fresh and not (run_dir / RESULT_FILE).exists() and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # rejected before the run began: leave nothing
         sys.exit(2)
-    except Exception:
+    except Exception as e:
+        if cfg.get("debug"):
+            raise
+        where = ""
+        if run_dir.is_dir():
+            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+            where = f" (traceback in {_display_path(run_dir / 'error.log')}; debug=true prints it)"
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {type(e).__name__}: {message}{where}", file=sys.stderr, flush=True)
+        print(f"resume: {resume_command(run_dir)}", file=sys.stderr, flush=True)
         if _is_multirun():
-            # One broken job must not stop the sweep; its result.json says failed.
-            traceback.print_exc()
+            _record_failure(cfg, run_dir, e)  # one broken job must not stop the sweep
             return None
-        raise
+        sys.exit(1)
     finally:
         log.info("wall time %.1fs", time.time() - started)

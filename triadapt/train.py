@@ -16,6 +16,7 @@ after checkpointing the weights as they were: the last good state.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import random
 import resource
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from triadapt.schedules import GroupedLinearSchedule
 from triadapt.tracking import atomic_path, write_metrics_log
 
 CHECKPOINT_DIR = "checkpoints"
+PROGRESS_EVERY_S = 30.0  # off a terminal: at least one progress line this often
 log = logging.getLogger("triadapt")
 
 
@@ -296,10 +299,21 @@ class Trainer:
                 signal.signal(sig, h)
 
     def _fit(self) -> dict:
+        s = self.state
+        # At a terminal: the bar. Elsewhere (SLURM, nohup, `> log`) tqdm draws nothing useful, so
+        # a log line every train.log_every steps or PROGRESS_EVERY_S seconds says where the run is.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=s.step, desc="train", dynamic_ncols=True, disable=not interactive)
+        progress = None if interactive else ProgressLog(self.total_steps, s.step, self.steps_per_epoch, int(self.cfg.log_every))
+        try:
+            return self._loop(bar, progress)
+        finally:
+            bar.close()  # before any error line, which must not land on the bar's line
+
+    def _loop(self, bar, progress: ProgressLog | None) -> dict:
         s, model = self.state, self.model
         model.train()
         clip = float(self.cfg.max_grad_norm or 0)
-        bar = tqdm(total=self.total_steps, initial=s.step, desc="train", dynamic_ncols=True, disable=None)
         running, running_reg, n_running = 0.0, 0.0, 0
         postfix: dict[str, str] = {}
         metrics = s.evals[-1]["metrics"] if s.evals else None
@@ -328,6 +342,8 @@ class Trainer:
             running_reg += 0.0 if reg is None else reg.item()
             n_running += 1
             bar.update(1)
+            if progress is not None:
+                progress.step(s.step, task_loss.item(), self.optimizer.param_groups[0]["lr"])
             if s.step % int(self.cfg.log_every) == 0 or s.step == self.total_steps:
                 lr = self.optimizer.param_groups[0]["lr"]
                 values = {"train/loss": running / n_running, "train/lr": lr, "train/epoch": s.step / self.steps_per_epoch}
@@ -347,7 +363,6 @@ class Trainer:
             if self._stop_signal is not None:
                 path = self.save_checkpoint()
                 raise Interrupted(f"stopped by signal {self._stop_signal} at step {s.step}; resume from {path}")
-        bar.close()
         if metrics is None or s.evals[-1]["step"] != s.step:
             metrics = self.evaluate(final=True)
         if self.cfg.get("save_adapter", True):
@@ -362,6 +377,33 @@ class Trainer:
             "step_s_median": statistics.median(s.step_times) if s.step_times else None,
             "peak_mem_mb": peak_memory_mb(self.device),
         }
+
+
+class ProgressLog:
+    """Progress as log lines, for output that is not a terminal: one every ``every`` steps or
+    ``PROGRESS_EVERY_S`` seconds, whichever comes first — step/total, epoch, mean loss since the
+    last line, learning rate, seconds per step (wall clock, evaluations included) and ETA."""
+
+    def __init__(self, total: int, start_step: int, steps_per_epoch: int, every: int) -> None:
+        self.total, self.steps_per_epoch, self.every = total, steps_per_epoch, max(1, every)
+        self.started = self.last = time.monotonic()
+        self.start_step = self.last_step = start_step
+        self.loss_sum, self.n = 0.0, 0
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+        now = time.monotonic()
+        if step % self.every and now - self.last < PROGRESS_EVERY_S and step < self.total:
+            return
+        s_per_step = (now - self.last) / max(1, step - self.last_step)
+        mean_s = (now - self.started) / max(1, step - self.start_step)
+        eta = datetime.timedelta(seconds=round(mean_s * (self.total - step)))
+        log.info(
+            "step %d/%d (%d%%) | epoch %.2f | loss %.4f | lr %.2e | %.2f s/step | ETA %s",
+            step, self.total, 100 * step // self.total, step / self.steps_per_epoch, self.loss_sum / self.n,
+            lr, s_per_step, eta,
+        )
+        self.last, self.last_step, self.loss_sum, self.n = now, step, 0.0, 0
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
