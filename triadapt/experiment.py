@@ -318,7 +318,7 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.get("debug"):
             raise
         if isinstance(e, (Interrupted, KeyboardInterrupt)):
-            print(f"resume: {resume_command(run_dir)}", file=sys.stderr, flush=True)
+            print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
             sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
             _record_failure(cfg, run_dir, e)
@@ -335,7 +335,7 @@ def main(cfg: DictConfig) -> float | None:
             where = f" (traceback in {_display_path(run_dir / 'error.log')}; debug=true prints it)"
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: {type(e).__name__}: {message}{where}", file=sys.stderr, flush=True)
-        print(f"resume: {resume_command(run_dir)}", file=sys.stderr, flush=True)
+        print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
         if _is_multirun():
             _record_failure(cfg, run_dir, e)  # one broken job must not stop the sweep
             return None

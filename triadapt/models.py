@@ -76,6 +76,7 @@ def load_model(model_cfg, model_kind: str, num_labels: int, tokenizer, classifie
         raise ConfigError(f"unknown model kind {model_kind!r}; choose one of {', '.join(_HEADS)}")
     auto = _HEADS[model_kind]
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected
+    transformers.logging.disable_progress_bar()  # a bar for loading a few hundred tensors is noise
     if model_cfg.source == "random":
         arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
         config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), num_labels=num_labels, **arch)

@@ -43,6 +43,9 @@ from triadapt.tracking import atomic_path, write_metrics_log
 
 CHECKPOINT_DIR = "checkpoints"
 PROGRESS_EVERY_S = 30.0  # off a terminal: at least one progress line this often
+#: Test-only: stop as a signal would after this many steps of a process (checkpoint, `interrupted`),
+#: so a test can run a command exactly as written, configuration unchanged, and stop it early.
+STOP_AFTER_ENV = "TRIADAPT_STOP_AFTER_STEPS"
 log = logging.getLogger("triadapt")
 
 
@@ -317,6 +320,7 @@ class Trainer:
         running, running_reg, n_running = 0.0, 0.0, 0
         postfix: dict[str, str] = {}
         metrics = s.evals[-1]["metrics"] if s.evals else None
+        stop_after = s.step + int(os.environ[STOP_AFTER_ENV]) if os.environ.get(STOP_AFTER_ENV) else None
         while s.step < self.total_steps:
             batch = self._batch(s.step)
             t0 = time.perf_counter()
@@ -360,9 +364,10 @@ class Trainer:
                 bar.set_postfix(postfix)
             if self.checkpoint_every and s.step % self.checkpoint_every == 0 and s.step < self.total_steps:
                 self.save_checkpoint()
-            if self._stop_signal is not None:
+            if self._stop_signal is not None or (s.step == stop_after and s.step < self.total_steps):
                 path = self.save_checkpoint()
-                raise Interrupted(f"stopped by signal {self._stop_signal} at step {s.step}; resume from {path}")
+                why = f"signal {self._stop_signal}" if self._stop_signal is not None else f"{STOP_AFTER_ENV}={os.environ[STOP_AFTER_ENV]}"
+                raise Interrupted(f"stopped by {why} at step {s.step}; resume from {path}")
         if metrics is None or s.evals[-1]["step"] != s.step:
             metrics = self.evaluate(final=True)
         if self.cfg.get("save_adapter", True):
@@ -399,9 +404,9 @@ class ProgressLog:
         mean_s = (now - self.started) / max(1, step - self.start_step)
         eta = datetime.timedelta(seconds=round(mean_s * (self.total - step)))
         log.info(
-            "step %d/%d (%d%%) | epoch %.2f | loss %.4f | lr %.2e | %.2f s/step | ETA %s",
-            step, self.total, 100 * step // self.total, step / self.steps_per_epoch, self.loss_sum / self.n,
-            lr, s_per_step, eta,
+            "step %d/%d (%d%%) | epoch %.2f/%.2f | loss %.4f | lr %.2e | %.2f s/step | ETA %s",
+            step, self.total, 100 * step // self.total, step / self.steps_per_epoch, self.total / self.steps_per_epoch,
+            self.loss_sum / self.n, lr, s_per_step, eta,
         )
         self.last, self.last_step, self.loss_sum, self.n = now, step, 0.0, 0
 

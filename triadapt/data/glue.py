@@ -93,7 +93,7 @@ def _load_local(task_cfg, root: Path, split_stem: str):
     folder = root / task_cfg.local_dir
     if not folder.is_dir():
         raise DataError(
-            f"task folder {folder} not found; {data_layouts(f"{task_cfg.local_dir}/")}"
+            f"task folder {folder} not found; {data_layouts(task_cfg.local_dir + '/')}"
         )
     return read_glue_tsv(folder / f"{split_stem}.tsv", task_cfg.name)
 
