@@ -234,10 +234,10 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         group_by_length=bool(cfg.data.get("group_by_length")),
     )
     log.info(
-        "%s | %s | %s: %d train features, %d steps (%d/epoch), %d adapter + %d head params, data %s",
+        "%s | %s | %s: %d train features, %d steps (%d/epoch), %d trainable params (%d in the head), data %s",
         cfg.task.name, cfg.method.name, cfg.model.name, len(task.train), total_steps, steps_per_epoch,
-        # every allocated adapter tensor (AdaLoRA's effective count is 0 before its λ train)
-        sum(p.numel() for p in method.adapter_state(model).values()), sum(p.numel() for p in head.values()),
+        # what the optimizer updates (the budget's effective count is in result.json: AdaLoRA's is 0 until its λ train)
+        sum(p.numel() for g in groups for p in g["params"]), sum(p.numel() for p in head.values()),
         task.info.get("source"),
     )
     summary = trainer.fit(resume_from=checkpoint)
@@ -323,8 +323,8 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             _record_failure(cfg, run_dir, e)
             return None
-        if fresh and not (run_dir / RESULT_FILE).exists() and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # rejected before the run began: leave nothing
+        if fresh and isinstance(e, ConfigError) and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rejected command leaves nothing behind
         sys.exit(2)
     except Exception as e:
         if cfg.get("debug"):
