@@ -151,9 +151,9 @@ def test_a_sweep_over_methods_lands_in_one_folder_and_the_report_sees_every_job(
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = list(out.iterdir())
     (sweep_dir,) = list(sweep.iterdir())  # multirun/<start time>
-    assert {p.name for p in sweep_dir.iterdir() if not p.name.startswith(".")} == {
-        "method=lora", "method=adalora", "method=triadapt"}
-    assert f"sweep summary ({sweep_dir}): 3 jobs: 3 completed" in proc.stdout
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if not p.name.startswith("."))
+    assert len(jobs) == 3 and [re.search(r"method=(\w+)", j).group(1) for j in jobs] == ["adalora", "lora", "triadapt"]
+    assert f"sweep summary ({sweep_dir.resolve()}): 3 jobs: 3 completed" in proc.stdout
     df, problems = load_results(sweep_dir)
     assert sorted(df["method"]) == ["adalora", "lora", "triadapt"] and not problems
 

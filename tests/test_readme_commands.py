@@ -38,7 +38,7 @@ from conftest import CONF, REPO, SHARED_DATA, hub_cache_with
 
 DESIGN_CARD_COMMAND = "python run.py method=triadapt task=glue/mrpc"
 HUB_MODELS = {"microsoft/deberta-v3-base": "deberta-v2", "google-bert/bert-base-uncased": "bert"}
-STOP_AFTER = 2
+STOP_AFTER = 1
 
 
 def _args(command: str) -> list[str]:
@@ -129,7 +129,7 @@ def test_readme_command_trains_as_written(index, workspace):
         assert list((run_dir / "checkpoints").glob("step-*.pt")), "trained steps are checkpointed"
         # composed from exactly the command's overrides
         saved = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
-        given = [a for a in args if a not in ("-m", "--multirun")]
+        given = [a for a in args if a not in ("-m", "--multirun") and not a.startswith("hydra.")]
         if "-m" not in args:
             assert [o.replace("task=glue/", "task=") for o in saved] == [a.replace("task=glue/", "task=") for a in given]
         cfg = result["config"]

@@ -286,6 +286,19 @@ def _fresh(run_dir: Path) -> bool:
     return all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
 
 
+def _remove_run_dir(run_dir: Path, output_dir: Path) -> None:
+    """Delete a run dir Hydra just created, and the folders it created above it (up to the output dir)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stop = output_dir.resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == stop or stop not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only while empty
+        except OSError:
+            break
+
+
 def _status_of(run_dir: Path) -> str:
     return (read_result(run_dir) or {}).get("status") or "not started"
 
@@ -323,8 +336,8 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             _record_failure(cfg, run_dir, e)
             return None
-        if fresh and isinstance(e, ConfigError) and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # a rejected command leaves nothing behind
+        if fresh and isinstance(e, ConfigError):
+            _remove_run_dir(run_dir, Path(cfg.paths.output_dir))  # a rejected command leaves nothing behind
         sys.exit(2)
     except Exception as e:
         if cfg.get("debug"):
