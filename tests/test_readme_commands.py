@@ -139,3 +139,18 @@ def test_readme_command_trains_as_written(index, workspace):
                 assert cfg[key]["name"] == value
     if any(_args(c) == args for c in COMMANDS[:index]):
         assert "resumed from" in out  # the same command again continues the run
+
+
+def test_hub_command_offline_without_the_model_is_one_line(tmp_path):
+    """The README's DeBERTaV3 command where the hub is out of reach and the cache lacks the model."""
+    (hub_command,) = [c for c in COMMANDS if "model=deberta_v3_base" in c]
+    (tmp_path / "run.py").symlink_to(REPO / "run.py")
+    (tmp_path / "conf").symlink_to(CONF, target_is_directory=True)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "run.py", *_args(hub_command)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load tokenizer 'microsoft/deberta-v3-base'")
+    assert "use model=minilm_l6 offline" in lines[0] and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("outputs/**/*"))  # no run dir left behind
