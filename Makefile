@@ -33,11 +33,13 @@ report:  ## tables and plots of results/cpu_glue, next to the papers' numbers
 	$(PYTHON) -m triadapt.report results/cpu_glue --reference --out results/cpu_glue
 
 NOTEBOOK ?= notebooks/results.ipynb
-notebook:  ## execute notebooks/results.ipynb in place, headless (NOTEBOOK=… for another)
+NOTEBOOK_OUT ?= outputs/notebooks
+notebook:  ## execute notebooks/results.ipynb headless into $(NOTEBOOK_OUT)/ (the tracked notebook stays as it is)
+	@mkdir -p $(NOTEBOOK_OUT)
 	@if $(PYTHON) -c "import nbconvert" 2>/dev/null; then \
-		$(PYTHON) -m jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOK); \
+		$(PYTHON) -m jupyter nbconvert --to notebook --execute $(NOTEBOOK) --output-dir $(NOTEBOOK_OUT); \
 	else \
-		$(PYTHON) -c "import sys, os, nbformat; from nbclient import NotebookClient; p = sys.argv[1]; nb = nbformat.read(p, as_version=4); NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': os.path.dirname(p) or '.'}}).execute(); nbformat.write(nb, p); print('executed', p)" $(NOTEBOOK); \
+		$(PYTHON) -c "import sys, os, nbformat; from nbclient import NotebookClient; p, out = sys.argv[1:]; nb = nbformat.read(p, as_version=4); NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': os.path.dirname(p) or '.'}}).execute(); dst = os.path.join(out, os.path.basename(p)); nbformat.write(nb, dst); print('executed', p, '->', dst)" $(NOTEBOOK) $(NOTEBOOK_OUT); \
 	fi
 
 clean:  ## remove local run outputs

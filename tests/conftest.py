@@ -65,3 +65,41 @@ def tiny_glue_dir(tmp_path) -> Path:
     for split in ("train", "dev"):
         (root / "STS-B" / f"{split}.tsv").write_text(sts_header + "".join(sts), encoding="utf-8")
     return root
+
+
+def save_tiny_checkpoint(model_name: str, folder: Path) -> Path:
+    """A checkpoint as the hub serves one, written with ``save_pretrained``: the backbone of the
+    tiny random ``model=<model_name>`` (no task head) and its tokenizer (MiniLM's)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModel
+
+    from triadapt.models import load_tokenizer
+
+    model_cfg = compose([f"model={model_name}"]).model
+    tokenizer = load_tokenizer(model_cfg)
+    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def hub_cache_with(checkpoints: dict[str, Path], cache: Path) -> Path:
+    """An HF hub cache (the layout ``HF_HUB_CACHE`` points at) holding ``checkpoints`` under
+    their hub ids, so ``from_pretrained("<hub id>")`` offline loads them through the hub code."""
+    import shutil
+
+    revision = "0" * 40
+    for hub_id, folder in checkpoints.items():
+        repo = cache / f"models--{hub_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        shutil.copytree(folder, repo / "snapshots" / revision, dirs_exist_ok=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny BERT and DeBERTa-v2 checkpoints: {architecture: folder}."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: save_tiny_checkpoint(name, root / arch) for arch, name in (("bert", "tiny_bert"), ("deberta-v2", "tiny_deberta"))}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import shutil
 import sys
 import threading
 import time
@@ -385,9 +386,11 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         config=config,
     )
     log.info(
-        "%s | %s | %s: %d train features, %d steps (%d/epoch), %d adapter + %d head params, data %s",
+        "%s | %s | %s: %d train features, %d steps (%d/epoch), %d trainable params (%d in the head), data %s",
         cfg.task.name, cfg.method.name, cfg.model.name, len(task.train), total_steps, steps_per_epoch,
-        method.adapter_params(model), sum(p.numel() for p in head.values()), task.info.get("source"),
+        # what the optimizer updates (the budget's effective count is in result.json: AdaLoRA's is 0 until its λ train)
+        sum(p.numel() for g in groups for p in g["params"]), sum(p.numel() for p in head.values()),
+        task.info.get("source"),
     )
     summary = trainer.fit(resume_from=checkpoint)
     report = method.report(model)
@@ -429,26 +432,79 @@ def _write_rank_outputs(run_dir: Path, report: dict, patterns: list[str], tracke
     return {"rank_history": "rank_history.json", "rank_heatmap": "rank_heatmap.png"}
 
 
+def _fresh(run_dir: Path) -> bool:
+    """Nothing in the run dir but what Hydra writes when a job starts (its config and log)."""
+    if not run_dir.exists():
+        return True
+    return all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def _remove_run_dir(run_dir: Path, output_dir: Path) -> None:
+    """Delete a run dir Hydra just created, and the folders it created above it (up to the output dir)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stop = output_dir.resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == stop or stop not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only while empty
+        except OSError:
+            break
+
+
+def _status_of(run_dir: Path) -> str:
+    return (read_result(run_dir) or {}).get("status") or "not started"
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, e: BaseException) -> None:
+    """A sweep job rejected before its run began still leaves a result the summary can name."""
+    if run_dir.is_dir() and not (run_dir / RESULT_FILE).exists():
+        error = {"type": type(e).__name__, "message": str(e)}
+        atomic_write_json(run_dir / RESULT_FILE, _essentials(cfg, run_dir) | {"status": "failed", "error": error})
+
+
 def main(cfg: DictConfig) -> float | None:
-    """Entry point for run.py: one-line errors, non-zero exit, sweeps continue past failures."""
+    """Entry point for run.py: run dir named at start and end, one-line errors (the traceback of an
+    unexpected one goes to the run dir's ``error.log``), the command that resumes an interrupted
+    or failed run, non-zero exit; in a sweep a failed job does not stop the others."""
+    from triadapt.cli import resume_command
+
     started = time.time()
+    run_dir = run_dir_of(cfg)
+    fresh = _fresh(run_dir)
+    shown = _display_path(run_dir)
+    log.info("run dir: %s", shown)
     try:
-        return run(cfg)
-    except TriadaptError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)  # one line; the traceback only with debug=true
+        value = run(cfg)
+        log.info("run dir: %s (%s)", shown, _status_of(run_dir))
+        return value
+    except (TriadaptError, KeyboardInterrupt) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "interrupted"
+        print(f"error: {message}", file=sys.stderr, flush=True)  # one line; the traceback only with debug=true
         if cfg.get("debug"):
             raise
-        if isinstance(e, Interrupted):
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
             sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
-            return e  # the sweep summary counts the job failed (its result.json may be another run's)
+            _record_failure(cfg, run_dir, e)  # the summary names it (a locked dir's result is another run's: kept)
+            return e  # the sweep summary counts the job failed
+        if fresh and isinstance(e, ConfigError):
+            _remove_run_dir(run_dir, Path(cfg.paths.output_dir))  # a rejected command leaves nothing behind
         sys.exit(2)
-    except Exception:
+    except Exception as e:
+        if cfg.get("debug"):
+            raise
+        where = ""
+        if run_dir.is_dir():
+            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+            where = f" (traceback in {_display_path(run_dir / 'error.log')}; debug=true prints it)"
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {type(e).__name__}: {message}{where}", file=sys.stderr, flush=True)
+        print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
         if _is_multirun():
-            # One broken job must not stop the sweep; its result.json says failed.
-            traceback.print_exc()
+            _record_failure(cfg, run_dir, e)  # one broken job must not stop the sweep
             return None
-        raise
+        sys.exit(1)
     finally:
         log.info("wall time %.1fs", time.time() - started)

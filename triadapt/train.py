@@ -22,6 +22,7 @@ a failure there (a full disk) leaves a resumable run; the run removes it once co
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import random
 import resource
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,10 @@ from triadapt.schedules import GroupedLinearSchedule
 from triadapt.tracking import atomic_path, write_metrics_log
 
 CHECKPOINT_DIR = "checkpoints"
+PROGRESS_EVERY_S = 30.0  # off a terminal: at least one progress line this often
+#: Test-only: stop as a signal would after this many steps of a process (checkpoint, `interrupted`),
+#: so a test can run a command exactly as written, configuration unchanged, and stop it early.
+STOP_AFTER_ENV = "TRIADAPT_STOP_AFTER_STEPS"
 log = logging.getLogger("triadapt")
 
 
@@ -382,13 +388,25 @@ class Trainer:
                 signal.signal(sig, h)
 
     def _fit(self) -> dict:
+        s = self.state
+        # At a terminal: the bar. Elsewhere (SLURM, nohup, `> log`) tqdm draws nothing useful, so
+        # a log line every train.log_every steps or PROGRESS_EVERY_S seconds says where the run is.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=s.step, desc="train", dynamic_ncols=True, disable=not interactive)
+        progress = None if interactive else ProgressLog(self.total_steps, s.step, self.steps_per_epoch, int(self.cfg.log_every))
+        try:
+            return self._loop(bar, progress)
+        finally:
+            bar.close()  # before any error line, which must not land on the bar's line
+
+    def _loop(self, bar, progress: ProgressLog | None) -> dict:
         s, model = self.state, self.model
         model.train()
         clip = float(self.cfg.max_grad_norm or 0)
-        bar = tqdm(total=self.total_steps, initial=s.step, desc="train", dynamic_ncols=True, disable=None)
         running, running_reg, n_running = 0.0, 0.0, 0
         postfix: dict[str, str] = {}
         metrics = s.evals[-1]["metrics"] if s.evals else None
+        stop_after = s.step + int(os.environ[STOP_AFTER_ENV]) if os.environ.get(STOP_AFTER_ENV) else None
         while s.step < self.total_steps:
             batch = self._batch(s.step)
             t0 = time.perf_counter()
@@ -424,6 +442,8 @@ class Trainer:
             bar.update(1)
             if s.step == self.total_steps:
                 self.save_checkpoint(prune=False)  # the final writes below may fail; this resumes them
+            if progress is not None:
+                progress.step(s.step, task_loss.item(), self.optimizer.param_groups[0]["lr"])
             if s.step % int(self.cfg.log_every) == 0 or s.step == self.total_steps:
                 lr = self.optimizer.param_groups[0]["lr"]
                 values = {"train/loss": running / n_running, "train/lr": lr, "train/epoch": s.step / self.steps_per_epoch}
@@ -440,10 +460,10 @@ class Trainer:
                 bar.set_postfix(postfix)
             if self.checkpoint_every and s.step % self.checkpoint_every == 0 and s.step < self.total_steps:
                 self.save_checkpoint()
-            if self._stop_signal is not None:
+            if self._stop_signal is not None or (s.step == stop_after and s.step < self.total_steps):
                 path = self.save_checkpoint()
-                raise Interrupted(f"stopped by signal {self._stop_signal} at step {s.step}; resume from {path}")
-        bar.close()
+                why = f"signal {self._stop_signal}" if self._stop_signal is not None else f"{STOP_AFTER_ENV}={os.environ[STOP_AFTER_ENV]}"
+                raise Interrupted(f"stopped by {why} at step {s.step}; resume from {path}")
         if metrics is None or s.evals[-1]["step"] != s.step:
             metrics = self.evaluate(final=True)
         if self.cfg.get("save_adapter", True):
@@ -463,6 +483,33 @@ class Trainer:
 
 def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4f}"
+
+
+class ProgressLog:
+    """Progress as log lines, for output that is not a terminal: one every ``every`` steps or
+    ``PROGRESS_EVERY_S`` seconds, whichever comes first — step/total, epoch, mean loss since the
+    last line, learning rate, seconds per step (wall clock, evaluations included) and ETA."""
+
+    def __init__(self, total: int, start_step: int, steps_per_epoch: int, every: int) -> None:
+        self.total, self.steps_per_epoch, self.every = total, steps_per_epoch, max(1, every)
+        self.started = self.last = time.monotonic()
+        self.start_step = self.last_step = start_step
+        self.loss_sum, self.n = 0.0, 0
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+        now = time.monotonic()
+        if step % self.every and now - self.last < PROGRESS_EVERY_S and step < self.total:
+            return
+        s_per_step = (now - self.last) / max(1, step - self.last_step)
+        mean_s = (now - self.started) / max(1, step - self.start_step)
+        eta = datetime.timedelta(seconds=round(mean_s * (self.total - step)))
+        log.info(
+            "step %d/%d (%d%%) | epoch %.2f/%.2f | loss %.4f | lr %.2e | %.2f s/step | ETA %s",
+            step, self.total, 100 * step // self.total, step / self.steps_per_epoch, self.total / self.steps_per_epoch,
+            self.loss_sum / self.n, lr, s_per_step, eta,
+        )
+        self.last, self.last_step, self.loss_sum, self.n = now, step, 0.0, 0
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -38,6 +38,23 @@ def resolve_data_dir(data_cfg) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def data_layouts(task_folders: str = "MRPC/, RTE/, …") -> str:
+    """The two layouts data.dir may have, for error messages."""
+    return (
+        "data.dir / TRIADAPT_DATA_DIR must point at a data root holding glue/ and squad_v2/, "
+        f"or at the GLUE root holding the task folders ({task_folders})"
+    )
+
+
+def family_dir(data_cfg, family: str) -> Path | None:
+    """The folder of one task family (``glue``): ``<data.dir>/<family>`` when data.dir is the
+    data root holding it, else data.dir itself (the family's own root, e.g. the GLUE root)."""
+    root = resolve_data_dir(data_cfg)
+    if root is not None and (root / family).is_dir():
+        return root / family
+    return root
+
+
 def build_task(task_cfg, data_cfg, tokenizer, seed: int = 0) -> TaskData:
     if task_cfg.group == "glue":
         from triadapt.data.glue import build_glue_task

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from triadapt.data import TaskData, resolve_data_dir
+from triadapt.data import TaskData, data_layouts, family_dir
 from triadapt.errors import ConfigError, DataError
 from triadapt.metrics import compute_metrics
 
@@ -118,8 +118,7 @@ def _load_local(task_cfg, root: Path, split_stem: str):
     folder = root / task_cfg.local_dir
     if not folder.is_dir():
         raise DataError(
-            f"task folder {folder} not found; data.dir / TRIADAPT_DATA_DIR must point at the GLUE root "
-            f"(the folder holding {task_cfg.local_dir}/)"
+            f"task folder {folder} not found; {data_layouts(task_cfg.local_dir + '/')}"
         )
     return read_glue_tsv(folder / f"{split_stem}.tsv", task_cfg.name)
 
@@ -185,12 +184,12 @@ def build_glue_task(task_cfg, data_cfg, tokenizer, seed: int = 0) -> TaskData:
     if task_cfg.name not in LOCAL_FORMATS:
         raise ConfigError(f"unknown GLUE task {task_cfg.name!r}; choose one of {', '.join(LOCAL_FORMATS)}")
     source = data_cfg.get("source", "auto")
-    root = resolve_data_dir(data_cfg)
+    root = family_dir(data_cfg, "glue")
     if source == "local" and root is None:
         raise DataError("data.source=local needs data.dir=… or TRIADAPT_DATA_DIR")
     use_local = source == "local" or (source == "auto" and root is not None)
     if use_local and not root.is_dir():
-        raise DataError(f"data dir {root} does not exist; set data.dir=… or TRIADAPT_DATA_DIR to the GLUE root")
+        raise DataError(f"data dir {root} does not exist; {data_layouts()}")
 
     def load(split_hub: str, split_stem: str):
         return _load_local(task_cfg, root, split_stem) if use_local else _load_hub(task_cfg, split_hub)
