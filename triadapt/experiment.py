@@ -211,7 +211,9 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         seed=int(cfg.seed),
     )
     method = build_method(cfg.method, ctx)
-    model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"))
+    model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"),
+                       device=device, precision=cfg.train.precision, trains_backbone=not method.freezes_backbone,
+                       gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing", False)))
     groups, head = inject_with_head(method, model, list(cfg.model.head_modules), ctx.weight_decay)
     model.to(device)
     optimizer = build_optimizer(groups, ctx.learning_rate, cfg.train.adam_betas, float(cfg.train.adam_eps),
