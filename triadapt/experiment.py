@@ -250,6 +250,8 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         "budget": {
             "target_rank": report["target_rank"],
             "adapter_params": report["adapter_params"],
+            # with grouped-query attention one rank unit costs different parameters per matrix: both counts
+            "total_rank": sum(report["ranks"].values()),
             "head_params": sum(p.numel() for p in head.values()),
             "ranks": report["ranks"],
         }

@@ -227,6 +227,11 @@ def load_model(
             f"cannot load model {model_cfg.pretrained!r} from the hub or cache ({type(e).__name__}); "
             "use model=minilm_l6 offline, or pre-download the model"
         ) from e
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # e.g. a padding token the tokenizer added: its id would index past the table
+        raise ConfigError(
+            f"the tokenizer of model {model_cfg.get('name', '?')} has {len(tokenizer)} tokens, its embedding {rows} rows"
+        )
     if tokenizer.pad_token_id is not None and model.config.pad_token_id != tokenizer.pad_token_id:
         # last-token pooling (decoders) looks for the tokenizer's padding token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -238,7 +243,7 @@ def load_model(
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing=true but {type(model).__name__} does not support it")
         # non-reentrant: works with a frozen embedding (no input that requires grad)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
