@@ -340,3 +340,36 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(monkeypatch, glue, tm
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tiny_llama" in err and "needs at least" in err, err
+
+
+def test_bench_llama_1b_shape_point():
+    """The scaling section's full model sweep ends at Llama 3.2 1B's shape, read from conf/model."""
+    import argparse
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from triadapt import bench
+
+    cfg = bench.model_config("llama_1b_shape")
+    assert cfg.source == "random" and cfg.tokenizer == "bytes" and list(cfg.target_modules)[:3] == ["q_proj", "k_proj", "v_proj"]
+    arch = OmegaConf.to_container(cfg.architecture)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+    assert sum(p.numel() for p in model.base_model.parameters()) == 1_235_814_400
+    args = argparse.Namespace(full=True, scaling_models=None, model="tiny_bert", batch_size=8, scaling_batch=4,
+                              seq_len=32, rank=8)  # fmt: skip
+    points = [p for p in bench.scaling_plan(args) if p[0] == "model" and p[2] == "llama_1b_shape"]
+    assert {p[3].method for p in points} == {"floor", "lora", "peft_lora", "triadapt"}
+
+
+@pytest.mark.parametrize("method", ["floor", "lora", "triadapt"])
+def test_bench_steps_a_decoder(method):
+    from triadapt import bench
+
+    cfg = bench.model_config("tiny_llama")
+    base = bench.build_base(cfg, 0)[0]
+    batch = bench.make_batch(base, 4, 16, torch.device("cpu"), 0)
+    runner = bench.Runner(bench.Spec(method, "steady", 2), base, cfg, batch, torch.device("cpu"), 20, 1, 0)
+    assert all(dt > 0 for dt, _ in (runner.step(), runner.step()))
+    if method == "floor":
+        assert len(runner.floor_leaves) == 3  # layer 0's q, k and v outputs
