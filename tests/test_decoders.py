@@ -373,3 +373,35 @@ def test_bench_steps_a_decoder(method):
     assert all(dt > 0 for dt, _ in (runner.step(), runner.step()))
     if method == "floor":
         assert len(runner.floor_leaves) == 3  # layer 0's q, k and v outputs
+
+
+def test_weights_dtype_auto_means_bf16_only_for_frozen_weights_on_cuda():
+    from triadapt.models import weights_dtype
+
+    auto = OmegaConf.create({"weights_dtype": "auto"})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert weights_dtype(auto, cuda) == torch.bfloat16
+    assert weights_dtype(auto, cuda, trains_backbone=True) == torch.float32  # full fine-tuning
+    assert weights_dtype(auto, cuda, precision="fp32") == torch.float32
+    assert weights_dtype(auto, cpu) == weights_dtype(auto, None) == torch.float32
+    assert weights_dtype(OmegaConf.create({}), cuda) == torch.float32  # encoder configs: no key, fp32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-cuda on a GPU machine)")
+@pytest.mark.parametrize("method", ["triadapt", "adalora"])
+def test_cuda_bf16_weights_train_and_resume_exactly(method, glue, tmp_path, monkeypatch):
+    """weights_dtype=auto on CUDA: bf16 frozen weights, fp32 adapters, bf16 autocast; stop and resume."""
+    overrides = [*glue_overrides("tiny_qwen2", method, glue), "model.weights_dtype=auto", "train.device=cuda",
+                 "train.gradient_checkpointing=true"]  # fmt: skip
+    ref = run(overrides, tmp_path / "ref")
+    assert ref["status"] == "completed" and ref["budget"]["total_rank"] == RANK * LAYERS * 7
+    monkeypatch.setenv(STOP_AFTER_ENV, str(STOP_AT))
+    with pytest.raises(SystemExit):
+        run(overrides, tmp_path / "run")
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    resumed = run(overrides, tmp_path / "run")
+    assert resumed["metrics"] == ref["metrics"] and resumed["budget"] == ref["budget"]
+    got, want = load_file(tmp_path / "run" / "adapter.safetensors"), load_file(tmp_path / "ref" / "adapter.safetensors")
+    assert all(v.dtype == torch.float32 for v in want.values())
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -102,7 +102,7 @@ def _validate(cfg: DictConfig) -> None:
 #: (a resumed optimizer keeps the kernel choice stored in its checkpoint).
 RESUME_MAY_CHANGE = frozenset({
     "resume", "debug", "logger", "paths", "data.dir", "data.source",
-    "train.device", "train.fused_optimizer", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.device", "train.gradient_checkpointing", "train.fused_optimizer", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
 })  # fmt: skip
 
 

@@ -16,7 +16,6 @@ gradient checkpointing (``train.gradient_checkpointing``). One device per run.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import torch
@@ -120,7 +119,8 @@ def _pretrained_config(source, num_labels: int, classifier_dropout: float | None
 
 
 def weights_dtype(model_cfg, device: torch.device | None, precision: str = "auto", trains_backbone: bool = False):
-    """``model.weights_dtype``: fp32 (default) | bf16 | auto (bf16 on CUDA when the backbone is frozen).
+    """``model.weights_dtype``: fp32 (default) | bf16 | auto (bf16 on CUDA when the backbone is frozen
+    and the run computes in bf16).
 
     bf16 weights halve the frozen backbone's memory; adapters and the task head stay fp32, and
     the matmuls run under bf16 autocast, so the run needs ``train.precision`` auto (on CUDA) or bf16."""
@@ -129,7 +129,7 @@ def weights_dtype(model_cfg, device: torch.device | None, precision: str = "auto
         raise ConfigError(f"model.weights_dtype={choice!r}; choose fp32, bf16 or auto")
     cuda = device is not None and device.type == "cuda"
     if choice == "auto":
-        choice = "bf16" if cuda and not trains_backbone else "fp32"
+        choice = "bf16" if cuda and not trains_backbone and precision != "fp32" else "fp32"
     if choice == "fp32":
         return torch.float32
     if trains_backbone:
@@ -146,10 +146,13 @@ def available_bytes(device: torch.device) -> int:
     """Free memory of the run's one device (CUDA: free on that GPU; CPU: available RAM)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: no estimate, no refusal
-        return 2**62
+    try:  # MemAvailable counts reclaimable page cache, which free pages alone do not
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # not Linux: no estimate, no refusal
 
 
 def check_fits(name: str, auto, config, device: torch.device, dtype: torch.dtype, trains_backbone: bool) -> int:
