@@ -164,7 +164,9 @@ def check_fits(name: str, auto, config, device: torch.device, dtype: torch.dtype
     per_param = 16 if trains_backbone else torch.finfo(dtype).bits // 8
     need, free = n * per_param, available_bytes(device)
     if need > free:
-        what = "fp32 weights, gradients and Adam moments" if trains_backbone else f"{str(dtype).split('.')[-1]} weights"
+        what = (
+            "fp32 weights, gradients and Adam moments" if trains_backbone else f"{str(dtype).split('.')[-1]} weights"
+        )
         raise ConfigError(
             f"model {name} ({n / 1e9:.2f}B parameters) needs at least {need / 2**30:.1f} GiB for its {what} "
             f"but {device} has {free / 2**30:.1f} GiB free; use a smaller model, an adapter method, "
