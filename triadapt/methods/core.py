@@ -471,8 +471,14 @@ class AdaptedLinear(nn.Module):
 
         kind is None for a core without ``operand`` (the forward then calls the core module). In grad
         mode the cached tensors belong to the current autograd graph: a backward through them drops
-        the cache (the graph's saved tensors are freed), so a later forward rebuilds them."""
-        return self._factors.get(_version_key(self._params()), self._build_factors)
+        the cache (the graph's saved tensors are freed), so a later forward rebuilds them.
+        They are built outside any activation checkpoint's saved-tensor hooks: its recomputation
+        gets them from the cache and must not expect their saved tensors again."""
+        return self._factors.get(_version_key(self._params()), self._build_unhooked)
+
+    def _build_unhooked(self):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return self._build_factors()
 
     def _build_factors(self):
         a_parts, b_parts = _values(self.lora_A), _values(self.lora_B)
