@@ -133,7 +133,7 @@ def test_folded_and_factored_paths_agree():
     layer = core.AdaptedLinear(torch.nn.Linear(16, 12), core.TriangularCore(), scale=0.5)
     for k, r0 in ((1, 0), (2, 1)):
         layer.append_factors(torch.randn(k, 16), torch.randn(12, k))
-        layer.core.append(torch.randn(k, r0 + k), torch.randn(r0 + k, k))
+        layer.core.append(torch.randn(core.TriangularCore.block_numel(r0, r0 + k, True)), k)
     x = torch.randn(40, 16, dtype=torch.float32)
     assert core.fold_pays(40, 16, 12) and not core.fold_pays(4, 16, 12)
     grads = []

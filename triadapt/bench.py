@@ -18,6 +18,11 @@ Sections (``--sections``, all by default):
   shared with other work is not the code's), the wall time otherwise.
   Allocator-hook time (``before_step`` + ``after_step`` + IncreLoRA's gradient hooks) is timed
   inside the step and reported apart.
+* ``overhead`` — the main section's variants in the dispatch-bound regime: ``--overhead-model``
+  (BERT-base shape) at batch 1 × 8 tokens with one torch thread, interleaved rounds, ratios of
+  process CPU time. Little arithmetic per step, so the per-tensor and per-operation host cost
+  (Python, dispatch, autograd, optimizer) shows; every row also counts the gradient tensors and the
+  autograd nodes of one step (main section too).
 * ``memory`` — peak memory per method, each in a fresh child process running ``--mem-steps``
   steps of only that method: VmHWM on CPU (peak resident set of the whole process: interpreter,
   libraries, model, activations, optimizer), ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -27,7 +32,7 @@ Sections (``--sections``, all by default):
 * ``eval`` — evaluation throughput on MRPC dev: dynamic padding with length-sorted batches (what the
   harness does) versus padding to the maximum length.
 
-Outputs go to ``--out`` (``results/bench``): ``bench.csv``, ``scaling.csv``, ``scaling.png``,
+Outputs go to ``--out`` (``results/bench``): ``bench.csv``, ``overhead.csv``, ``scaling.csv``, ``scaling.png``,
 ``eval.csv``, ``bench.json`` (everything, with machine info) and ``summary.md``; the Markdown
 tables are printed on stdout. Timings on a shared machine are noisy: compare ratios from one
 run, never absolute times across runs.
@@ -61,7 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 METHODS = ("floor", "full", "lora", "adalora", "increlora", "triadapt", "peft_lora", "peft_adalora")
 ADAPTIVE = ("adalora", "increlora", "triadapt", "peft_adalora")
-SECTIONS = ("main", "memory", "growth", "scaling", "eval")
+SECTIONS = ("main", "overhead", "memory", "growth", "scaling", "eval")
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"]
 HEADS = ["pooler", "classifier", "qa_outputs"]
@@ -93,6 +98,12 @@ TARGETS = [
     ("adalora:growth/peft_adalora:growth", "adalora ≤ 0.85 × peft_adalora (budgeting phase)", 0.85),
     ("increlora/lora", "increlora ≤ 1.5 × lora (final rank)", 1.5),
     ("increlora:growth/lora", "increlora ≤ 1.5 × lora (growth phase)", 1.5),
+]
+# Targets of the overhead section (issue #16): the dispatch-bound regime.
+OVERHEAD_TARGETS = [
+    ("lora/floor", "lora ≤ 1.10 × floor", 1.10),
+    *[(f"{m}/lora", f"{m} ≤ 1.15 × lora (final rank)", 1.15) for m in ("adalora", "increlora", "triadapt")],
+    *[(f"{m}:growth/lora", f"{m} ≤ 1.3 × lora (allocation phase)", 1.3) for m in ("adalora", "increlora", "triadapt")],
 ]
 GROWTH_EVENT_TARGET_MS = 50.0
 
@@ -212,6 +223,7 @@ class Runner:
         self.score_s = 0.0
         self.method = None
         self.optimizer = self.scheduler = None
+        self.nodes = self.tensors = None  # per step, set by a counting step (count_per_step)
         self.step_no = 0
         self.prep_steps = 0
         torch.manual_seed(seed)
@@ -301,7 +313,8 @@ class Runner:
         self.prep_steps = 0
 
     # -- one step ---------------------------------------------------------------------------------------
-    def step(self) -> tuple[float, float]:
+    def step(self, count: bool = False) -> tuple[float, float]:
+        """One training step; ``count`` also records its autograd nodes and gradient tensors (untimed use)."""
         model, method, opt, sched = self.model, self.method, self.optimizer, self.scheduler
         sync(self.device)
         self.score_s = 0.0
@@ -315,10 +328,16 @@ class Runner:
                 reg = method.extra_loss(model)
                 if reg is not None:
                     loss = loss + reg
+        if count:
+            self.nodes = autograd_nodes(loss)
         loss.backward()
         hook = 0.0
+        if count:
+            self.tensors = 0
         if method is not None:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if count:
+                self.tensors = len(params)
             norm = clip_gradients(params, self.clip)
             if not torch.isfinite(norm):  # the loop stops here (train.py); a benchmark must not go on silently
                 raise RuntimeError(f"{self.key}: non-finite gradient norm at step {self.step_no}")
@@ -346,6 +365,24 @@ class Runner:
                 computed.append((a.weight if hasattr(a, "weight") else a).shape[0])
         avg = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         return avg(list(eff.values())), avg(computed)
+
+
+def autograd_nodes(t: torch.Tensor) -> int:
+    """Nodes of the backward graph behind ``t`` (one AccumulateGrad per leaf tensor included)."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return len(seen)
+
+
+def count_per_step(runners: list[Runner]) -> None:
+    """One more, untimed step per runner that counts its autograd nodes and gradient tensors."""
+    for r in runners:
+        r.step(count=True)
 
 
 def replay_increlora(m, model, optimizer, scheduler, run_steps: int) -> int:
@@ -512,6 +549,8 @@ def timing_row(r: Runner, floor: Runner | None, lora: Runner | None, clock: str 
         "rank_effective": eff,
         "rank_computed": computed,
         "trainable_params": sum(p.numel() for p in r.model.parameters() if p.requires_grad),
+        "grad_tensors": r.tensors,
+        "autograd_nodes": r.nodes,
         "_times": list(t),
         "_cpu": list(r.cpu),
         "_series": list(c),
@@ -545,9 +584,38 @@ def run_main(args, model_cfg, base, device, log) -> list[dict]:
     runners = [Runner(s, base, model_cfg, batch, device, args.run_steps, args.warmup, args.seed, args.autocast) for s in specs]
     rank = {k: i for i, k in enumerate(PAIRING_ORDER)}
     interleave(sorted(runners, key=lambda r: rank.get(r.key, len(rank))), args.steps, args.warmup, log)
+    count_per_step(runners)
     by_key = {r.key: r for r in runners}
     rows = [timing_row(r, by_key.get("floor"), by_key.get("lora"), args.clock) for r in runners]
     del runners
+    gc.collect()
+    return rows
+
+
+def run_overhead(args, device, log) -> list[dict]:
+    """The dispatch-bound regime: the main section's variants on ``--overhead-model`` (BERT-base shape)
+    at batch ``--overhead-batch`` × ``--overhead-seq-len`` tokens (1 × 8) with one torch thread, where a
+    step costs little arithmetic and the per-tensor, per-operation host cost shows."""
+    model_cfg = model_config(args.overhead_model)
+    base, _ = build_base(model_cfg, args.seed)
+    batch = make_batch(base, args.overhead_batch, args.overhead_seq_len, device, args.seed)
+    specs = main_specs(args.methods, args.rank, args.dropout)
+    clock = "cpu" if device.type == "cpu" else "wall"  # one thread: the process CPU time is the code's
+    log(f"overhead: {len(specs)} variants on {args.overhead_model}, batch {args.overhead_batch} × seq "
+        f"{args.overhead_seq_len}, 1 thread, {args.warmup} warm-up + {args.overhead_steps} timed rounds")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runners = [Runner(s, base, model_cfg, batch, device, args.run_steps, args.warmup, args.seed, args.autocast)
+                   for s in specs]
+        rank = {k: i for i, k in enumerate(PAIRING_ORDER)}
+        interleave(sorted(runners, key=lambda r: rank.get(r.key, len(rank))), args.overhead_steps, args.warmup, log)
+        count_per_step(runners)
+        by_key = {r.key: r for r in runners}
+        rows = [timing_row(r, by_key.get("floor"), by_key.get("lora"), clock) for r in runners]
+    finally:
+        torch.set_num_threads(threads)
+    del runners, base
     gc.collect()
     return rows
 
@@ -946,7 +1014,8 @@ def main_table(rows: list[dict], memory: dict[str, dict]) -> str:
     clock = rows[0]["clock"] if rows else "wall"
     peak = "peak CUDA MB" if any("peak_cuda_mb" in m for m in memory.values()) else "peak MB RSS / live"
     head = (f"| variant | wall median s | wall p25–p75 s | CPU median s | × floor ({clock}) | × lora ({clock}) "
-            f"| hooks ms/step (median / max) | rank eff / computed | {peak} |\n|---|---|---|---|---|---|---|---|---|")
+            f"| hooks ms/step (median / max) | rank eff / computed | {peak} | gradient tensors / autograd nodes |"
+            "\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         mem = memory.get(r["variant"], {})
@@ -954,26 +1023,34 @@ def main_table(rows: list[dict], memory: dict[str, dict]) -> str:
             f"| {r['variant']} | {r['median_s']:.3f} | {r['p25_s']:.3f}–{r['p75_s']:.3f} | {r['cpu_median_s']:.3f} "
             f"| {fmt(r['ratio_floor'])} | {fmt(r['ratio_lora'])} | {r['hook_median_ms']:.1f} / {r['hook_max_ms']:.1f} "
             f"| {fmt(r['rank_effective'], '.1f')} / {fmt(r['rank_computed'], '.1f')} "
-            f"| {fmt(mem.get('peak_cuda_mb', mem.get('peak_rss_mb')), '.0f')} / {fmt(mem.get('peak_live_mb'), '.0f')} |"
+            f"| {fmt(mem.get('peak_cuda_mb', mem.get('peak_rss_mb')), '.0f')} / {fmt(mem.get('peak_live_mb'), '.0f')} "
+            f"| {fmt(r['grad_tensors'], 'd')} / {fmt(r['autograd_nodes'], 'd')} |"
         )
     return "\n".join(lines)
 
 
-def check_targets(rows: list[dict], memory: dict[str, dict], growth: dict | None) -> list[dict]:
-    """The issue's targets: paired wall-time ratios (median and p25–p75 over rounds; CPU-time ratio
-    alongside), peak memory against ``full``, the growth event (CPU time; wall alongside)."""
+def ratio_checks(rows: list[dict], targets: list[tuple[str, str, float]], section: str = "") -> list[dict]:
+    """Paired time ratios against their limits (median and p25–p75 over rounds; the other clock alongside)."""
     by = {r["variant"]: r for r in rows}
     out = []
-    for name, desc, target in TARGETS:
+    for name, desc, target in targets:
         a, b = name.split("/")
         if a in by and b in by:
             value = paired_ratio(by[a]["_series"], by[b]["_series"])
             other = "_times" if by[a]["clock"] == "cpu" else "_cpu"
-            out.append({"target": desc, "value": value, "limit": target, "met": value <= target,
-                        "miss_pct": max(0.0, 100 * (value / target - 1)),
+            out.append({"target": f"{section}: {desc}" if section else desc, "value": value, "limit": target,
+                        "met": value <= target, "miss_pct": max(0.0, 100 * (value / target - 1)),
                         "p25": ratio_quantile(by[a]["_series"], by[b]["_series"], 0.25),
                         "p75": ratio_quantile(by[a]["_series"], by[b]["_series"], 0.75),
                         "other": paired_ratio(by[a][other], by[b][other]), "clock": by[a]["clock"]})
+    return out
+
+
+def check_targets(rows: list[dict], memory: dict[str, dict], growth: dict | None,
+                  overhead: list[dict] | None = None) -> list[dict]:
+    """The issues' targets: paired time ratios of the main and overhead sections, peak memory against
+    ``full``, the growth event (CPU time; wall alongside)."""
+    out = ratio_checks(rows, TARGETS) + ratio_checks(overhead or [], OVERHEAD_TARGETS, "overhead")
     ref = memory.get("full", {})
     full = ref.get("peak_cuda_mb", ref.get("peak_rss_mb"))
     if full:
@@ -993,6 +1070,20 @@ def check_targets(rows: list[dict], memory: dict[str, dict], growth: dict | None
                     "miss_pct": max(0.0, 100 * (v / GROWTH_EVENT_TARGET_MS - 1)),
                     "wall": g["median_ms"]})
     return out
+
+
+def overhead_table(rows: list[dict]) -> str:
+    clock = rows[0]["clock"] if rows else "cpu"
+    lines = [f"| variant | {clock} median ms | × floor | × lora | hooks ms/step | rank eff / computed "
+             "| gradient tensors | autograd nodes |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {1e3 * statistics.median(r['_series']):.1f} | {fmt(r['ratio_floor'])} "
+            f"| {fmt(r['ratio_lora'])} | {r['hook_median_ms']:.1f} "
+            f"| {fmt(r['rank_effective'], '.1f')} / {fmt(r['rank_computed'], '.1f')} "
+            f"| {fmt(r['grad_tensors'], 'd')} | {fmt(r['autograd_nodes'], 'd')} |"
+        )
+    return "\n".join(lines)
 
 
 def targets_table(checks: list[dict]) -> str:
@@ -1078,6 +1169,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout for every adapter method (default: each config's, 0)")
     p.add_argument("--mem-steps", type=int, default=1, help="training steps of each memory child")
     p.add_argument("--mem-jobs", type=int, default=2, help="memory children run at a time")
+    p.add_argument("--overhead-model", default="bert_base_shape",
+                   help="model of the overhead section (dispatch-bound regime; default bert_base_shape)")
+    p.add_argument("--overhead-batch", type=int, default=1, help="batch size of the overhead section")
+    p.add_argument("--overhead-seq-len", type=int, default=8, help="tokens per sequence in the overhead section")
+    p.add_argument("--overhead-steps", type=int, default=15, help="timed interleaved rounds of the overhead section")
     p.add_argument("--growth-model", default="bert_base_shape", help="model of the growth-event timing (72 modules)")
     p.add_argument("--scaling-batch", type=int, default=4, help="batch of the seq-len and model sweeps (without --full)")
     p.add_argument("--scaling-models", default=None,
@@ -1108,8 +1204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if set(args.sections) - set(SECTIONS):
         p.error(f"unknown section(s); choose from {', '.join(SECTIONS)}")
-    if args.steps < 1 or args.repeats < 1:
-        p.error("--steps and --repeats must be >= 1")
+    if min(args.steps, args.repeats, args.overhead_steps, args.overhead_batch, args.overhead_seq_len) < 1:
+        p.error("--steps, --repeats, --overhead-steps, --overhead-batch and --overhead-seq-len must be >= 1")
     return args
 
 
@@ -1155,9 +1251,11 @@ def run(argv=None) -> dict:
                            "peak live = the most bytes malloc has handed out during one more step, sampled after "
                            "every aten op (mallinfo2)"),
     }
-    rows, memory, growth, scaling, evals = [], {}, None, [], []
+    rows, overhead, memory, growth, scaling, evals = [], [], {}, None, [], []
     if "main" in args.sections:
         rows = run_main(args, model_cfg, base, device, log)
+    if "overhead" in args.sections:
+        overhead = run_overhead(args, device, log)
     if "eval" in args.sections:
         evals = run_eval(args, model_cfg, base, tokenizer, device, log)
     if "memory" in args.sections:
@@ -1174,26 +1272,29 @@ def run(argv=None) -> dict:
         r["peak_live_mb"] = m.get("peak_live_mb")
         r["peak_cuda_mb"] = m.get("peak_cuda_mb")
         r["setup_rss_mb"] = m.get("setup_rss_mb")
-    checks = check_targets(rows, memory, growth)
+    checks = check_targets(rows, memory, growth, overhead)
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result |= {"steps": [{k: v for k, v in r.items() if not k.startswith("_")}
                          | {"times_s": r["_times"], "cpu_s": r["_cpu"], "hooks_s": r["_hooks"]} for r in rows],
+               "overhead": [{k: v for k, v in r.items() if not k.startswith("_")}
+                            | {"times_s": r["_times"], "cpu_s": r["_cpu"], "hooks_s": r["_hooks"]} for r in overhead],
                "memory": memory, "growth_event": growth, "scaling": scaling, "eval": evals, "targets": checks,
                "wall_s": time.time() - started}
     write_csv(out / "bench.csv", rows)
+    write_csv(out / "overhead.csv", overhead)
     write_csv(out / "scaling.csv", scaling)
     write_csv(out / "eval.csv", evals)
     if scaling:
         plot_scaling(scaling, out / "scaling.png")
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
-    md = summary_markdown(result, rows, memory, growth, evals, checks, args)
+    md = summary_markdown(result, rows, memory, growth, evals, checks, args, overhead)
     (out / "summary.md").write_text(md)
     print(md)
     log(f"done in {time.time() - started:.0f}s; outputs in {out}")
     return result
 
 
-def summary_markdown(result, rows, memory, growth, evals, checks, args) -> str:
+def summary_markdown(result, rows, memory, growth, evals, checks, args, overhead=None) -> str:
     info = result["machine"]
     parts = [
         f"# triadapt bench — {args.model}, batch {args.batch_size} × seq {args.seq_len}, rank {args.rank}",
@@ -1210,6 +1311,9 @@ def summary_markdown(result, rows, memory, growth, evals, checks, args) -> str:
     ]
     if rows:
         parts += ["", main_table(rows, memory)]
+    if overhead:
+        parts += ["", f"## Overhead: {args.overhead_model}, batch {args.overhead_batch} × seq {args.overhead_seq_len}, "
+                  "1 thread (dispatch-bound)", "", overhead_table(overhead)]
     if checks:
         parts += ["", "## Targets", "", targets_table(checks)]
     if growth:

@@ -3,9 +3,10 @@
     y = W0 x + b + scale · B · core · A · dropout(x)
 
 computed in factored form (ΔW is never materialised on the forward path). The rank is
-held as *components*: A is the row-concatenation of ``lora_A[i]`` and B the
-column-concatenation of ``lora_B[i]``. Growing methods append components as new
-``nn.Parameter`` objects, so existing tensors and their optimizer state stay untouched.
+held as *blocks*: A is the row-concatenation of ``lora_A[i]`` and B the column-concatenation of
+``lora_B[i]``. A growing method appends one block per module and growth event (whatever the
+number of ranks it adds) as new ``nn.Parameter`` objects, so existing tensors and their optimizer
+state stay untouched, and the number of tensors grows with the events, not with the rank.
 
 The forward is one autograd node (:class:`_LowRankLinear`) for the frozen base and the adapter
 together: the scale multiplies the N×r intermediate, never the N×d_out output; the up-projection
@@ -17,13 +18,12 @@ in-place rank-r update. Concatenated factors and the core are built once per par
 
 * :class:`IdentityCore` — LoRA;
 * :class:`DiagonalCore` — a vector λ (AdaLoRA, IncreLoRA);
-* :class:`TriangularCore` — a dense matrix C = L + U whose lower part is stored row-block
-  by row-block and whose upper part column-block by column-block (TriAdaptLoRA).
+* :class:`TriangularCore` — a dense matrix C = L + U stored as one flat block per growth event
+  holding the new rows of L and columns of U (TriAdaptLoRA).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -100,20 +100,6 @@ def _append(plist: nn.ParameterList, p: nn.Parameter) -> None:
     plist._size = n + 1
 
 
-class _FlatCat(torch.autograd.Function):
-    """Flatten and concatenate tensors in one autograd node (not one view node per tensor)."""
-
-    @staticmethod
-    def forward(ctx, *parts):
-        ctx.shapes = [p.shape for p in parts]
-        return torch.cat([p.reshape(-1) for p in parts])
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes = [math.prod(s) for s in ctx.shapes]
-        return tuple(g.view(s) for g, s in zip(grad.split(sizes), ctx.shapes))
-
-
 class IdentityCore(nn.Module):
     """core = I: plain LoRA."""
 
@@ -137,20 +123,23 @@ class IdentityCore(nn.Module):
 
 
 class DiagonalCore(nn.Module):
-    """core = diag(λ), λ stored as a list of vectors (one per appended component block)."""
+    """core = diag(λ), λ stored as a list of vectors (one per appended block of ranks)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.values = nn.ParameterList()
-        self._cache: torch.Tensor | None = None
+        self._components = 0
 
     @property
     def n_components(self) -> int:
-        return len(self.values)
+        return self._components
 
-    def append(self, values: torch.Tensor, trainable: bool = True) -> nn.Parameter:
+    def append(self, values: torch.Tensor, trainable: bool = True, components: int = 1) -> nn.Parameter:
+        """Append a block of λ values that counts as ``components`` components (1: the block is one;
+        len(values): each rank is one, as in TriAdaptLoRA's "single" parametrisation)."""
         p = nn.Parameter(values, requires_grad=trainable)
         _append(self.values, p)
+        self._components += components
         return p
 
     def param_list(self) -> list[nn.Parameter]:
@@ -174,91 +163,90 @@ class DiagonalCore(nn.Module):
 
 
 class TriangularCore(nn.Module):
-    """core = C = L + U, grown by blocks.
+    """core = C = L + U, one flat parameter ("block") per growth event.
 
-    A block covering ranks [r0, r1) adds ``rows`` of shape (r1−r0) × r1 — rows r0..r1−1 of L,
-    columns 0..r1−1 — and ``cols`` of shape r1 × (r1−r0) — columns r0..r1−1 of U, rows
-    0..r1−1. With blocks of size 1 (the "single" variant) row i of L holds i+1 entries and
-    column j of U holds j+1 entries: L is lower-, U upper-triangular and the diagonal is
-    parametrised twice, as in the author's code. Inside a larger block both parts are dense.
+    A block covering ranks [r0, r1) holds rows r0..r1−1 of L, then columns r0..r1−1 of U:
+
+    * triangular block (the "single" parametrisation): row i of L holds its entries 0..i and
+      column j of U its entries 0..j, so L is lower-, U upper-triangular and the diagonal is
+      parametrised twice, as in the author's code; each rank counts as one component;
+    * dense block (``block_c0``): rows r0..r1−1 of L over columns 0..r1−1 (row-major), then
+      rows 0..r1−1 of U over columns r0..r1−1 (row-major); the block counts as one component.
+
+    A block of one rank is the same in both forms. The tensors of a module grow with its growth
+    events, not with its rank.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows = nn.ParameterList()
-        self.cols = nn.ParameterList()
-        self._index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._flat: torch.Tensor | None = None
+        self.blocks = nn.ParameterList()
+        self.spans: list[tuple[int, int, bool]] = []  # (r0, r1, triangular) per block
+        self._pos: torch.Tensor | None = None
+
+    @staticmethod
+    def block_numel(r0: int, r1: int, triangular: bool) -> int:
+        return (r1 * (r1 + 1) - r0 * (r0 + 1)) if triangular else 2 * (r1 - r0) * r1
 
     @property
     def n_components(self) -> int:
-        return len(self.rows)
+        return sum(r1 - r0 if tri else 1 for r0, r1, tri in self.spans)
 
     @property
     def rank(self) -> int:
-        n = len(self.rows)
-        return self.rows._parameters[str(n - 1)].shape[1] if n else 0
+        return self.spans[-1][1] if self.spans else 0
 
     def param_list(self) -> list[nn.Parameter]:
-        return _values(self.rows) + _values(self.cols)
+        return _values(self.blocks)
 
-    def append(self, rows: torch.Tensor, cols: torch.Tensor) -> list[nn.Parameter]:
-        r1 = rows.shape[1]
-        k = rows.shape[0]
-        if cols.shape != (r1, k) or r1 != self.rank + k:
-            raise ValueError(f"block shapes {tuple(rows.shape)} / {tuple(cols.shape)} do not extend rank {self.rank}")
-        new = [nn.Parameter(rows), nn.Parameter(cols)]
-        _append(self.rows, new[0])
-        _append(self.cols, new[1])
-        self._index = self._flat = None
-        return new
+    def append(self, values: torch.Tensor, k: int, triangular: bool = True) -> nn.Parameter:
+        """Append ranks [rank, rank + k) stored in the flat ``values`` (layout in the class docstring)."""
+        r0 = self.rank
+        r1 = r0 + k
+        if values.dim() != 1 or values.numel() != self.block_numel(r0, r1, triangular):
+            raise ValueError(f"core block of shape {tuple(values.shape)} does not extend rank {r0} by {k}")
+        p = nn.Parameter(values)
+        _append(self.blocks, p)
+        self.spans.append((r0, r1, triangular))
+        self._pos = None
+        return p
 
-    def _scatter_index(self, device: torch.device):
-        # Flat positions of every stored value in the r×r matrix, in concatenation order;
-        # rebuilt only when the structure grows.
-        if self._index is None or self._index[0].device != device:
-            lr, lc, ur, uc = [], [], [], []
-            r0 = 0
-            for rows in self.rows:
-                k, r1 = rows.shape
-                rr, cc = torch.meshgrid(torch.arange(r0, r1), torch.arange(r1), indexing="ij")
-                lr.append(rr.reshape(-1))
-                lc.append(cc.reshape(-1))
-                rr, cc = torch.meshgrid(torch.arange(r1), torch.arange(r0, r1), indexing="ij")
-                ur.append(rr.reshape(-1))
-                uc.append(cc.reshape(-1))
-                r0 = r1
-            self._index = tuple(torch.cat(x).to(device) for x in (lr, lc, ur, uc))
-        return self._index
+    def _positions(self, device: torch.device) -> torch.Tensor:
+        # Flat position in the r×r matrix of every stored value, in storage order (a diagonal
+        # position occurs twice: once for L, once for U); rebuilt only when the structure grows.
+        if self._pos is None or self._pos.device != device:
+            r, pos = self.rank, []
+            for r0, r1, tri in self.spans:
+                pos += [i * r + c for i in range(r0, r1) for c in range(i + 1 if tri else r1)]
+                if tri:
+                    pos += [i * r + j for j in range(r0, r1) for i in range(j + 1)]
+                else:
+                    pos += [i * r + j for i in range(r1) for j in range(r0, r1)]
+            self._pos = torch.tensor(pos, dtype=torch.long, device=device)
+        return self._pos
+
+    def _flat(self) -> torch.Tensor:
+        blocks = _values(self.blocks)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _part(self, lower: bool) -> torch.Tensor:
+        r = self.rank
+        flat = self._flat()
+        is_lower = torch.cat([torch.arange(self.block_numel(r0, r1, tri)) < self.block_numel(r0, r1, tri) // 2
+                              for r0, r1, tri in self.spans]).to(flat.device)
+        keep = is_lower if lower else ~is_lower
+        return flat.new_zeros(r * r).index_put((self._positions(flat.device)[keep],), flat[keep]).view(r, r)
 
     def lower(self) -> torch.Tensor:
-        r = self.rank
-        lr, lc, _, _ = self._scatter_index(self.rows[0].device)
-        flat = torch.cat([p.reshape(-1) for p in self.rows])
-        return flat.new_zeros(r, r).index_put((lr, lc), flat)
+        return self._part(lower=True)
 
     def upper(self) -> torch.Tensor:
-        r = self.rank
-        _, _, ur, uc = self._scatter_index(self.cols[0].device)
-        # cols[b] is r1 × k, flattened row-major like the (row, col) pairs of its index.
-        flat = torch.cat([p.reshape(-1) for p in self.cols])
-        return flat.new_zeros(r, r).index_put((ur, uc), flat)
-
-    def _flat_positions(self, device: torch.device) -> torch.Tensor:
-        # Position of every stored value (rows, then cols) in the flattened pair [L, U] (2·r·r).
-        if self._flat is None or self._flat.device != device:
-            r = self.rank
-            lr, lc, ur, uc = self._scatter_index(device)
-            self._flat = torch.cat([lr * r + lc, r * r + ur * r + uc])
-        return self._flat
+        return self._part(lower=False)
 
     def matrix(self, rank: int | None = None) -> torch.Tensor:
-        """C = L + U from one flat concatenation and one scatter (a fixed number of autograd nodes,
-        whatever the number of blocks)."""
+        """C = L + U: one concatenation and one accumulating scatter, whatever the number of blocks."""
         r = self.rank
-        flat = _FlatCat.apply(*self.param_list())
-        pos = self._flat_positions(flat.device)
-        return flat.new_zeros(2 * r * r).index_put((pos,), flat).view(2, r, r).sum(0)
+        flat = self._flat()
+        return flat.new_zeros(r * r).index_put((self._positions(flat.device),), flat, accumulate=True).view(r, r)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.matrix())
@@ -267,7 +255,7 @@ class TriangularCore(nn.Module):
         return "matrix", self.matrix()
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.rows) + sum(p.numel() for p in self.cols)
+        return sum(p.numel() for p in self.blocks)
 
 
 def _lowrank_forward(x, xd, weight, bias, a, b, core, kind, scale):
