@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from triadapt.methods.core import DiagonalCore, _append, _values
+from triadapt.methods.cores import DiagonalCore, _append, _values
 from triadapt.methods.triadapt import TriAdaptLoRA
 
 

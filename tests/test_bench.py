@@ -12,14 +12,15 @@ import sys
 import pytest
 import torch
 
-from triadapt import bench
+from triadapt.bench import config
+from triadapt.bench import runner as bench
 
 ROWS = ["floor", "full", "lora", "adalora", "increlora", "triadapt", "peft_lora", "peft_adalora"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = bench.model_config("tiny_bert")
+    cfg = config.model_config("tiny_bert")
     base, _ = bench.build_base(cfg, 0)
     return cfg, base, bench.make_batch(base, 4, 16, torch.device("cpu"), 0)
 
@@ -147,11 +148,11 @@ def test_paired_ratios():
 
 
 def test_method_configs_resolve_the_budget():
-    cfg = bench.method_config("peft_adalora", 4)
+    cfg = config.method_config("peft_adalora", 4)
     assert cfg.name == "peft_adalora" and cfg.target_rank == 4 and cfg.tinit == 0.1  # merged with adalora.yaml
-    assert bench.method_config("lora", 16, dropout=0.1).r == 16
+    assert config.method_config("lora", 16, dropout=0.1).r == 16
     with pytest.raises(SystemExit):
-        bench.model_config("no_such_model")
+        config.model_config("no_such_model")
 
 
 def test_folded_and_factored_paths_agree():

@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from legacy_triadapt_layout import LegacyTriAdaptLoRA, LegacyTriangularCore
 from omegaconf import OmegaConf
-from torch import nn
+from test_triadapt import CONF, D, Stack
 
 from triadapt.errors import ConfigError
 from triadapt.methods.base import RunContext
 from triadapt.methods.core import TriangularCore, adapted_layers
 from triadapt.methods.triadapt import TriAdaptLoRA
 from triadapt.schedules import GroupedLinearSchedule
-from test_triadapt import CONF, D, Stack
 
 STEPS = 40
 TOL = dict(rtol=1e-6, atol=1e-9)
