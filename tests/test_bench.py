@@ -1,4 +1,4 @@
-"""The adapter-overhead benchmark (triadapt/bench.py): runs end to end, writes its tables, measures
+"""The adapter-overhead benchmark (the triadapt/bench package): runs end to end, writes its tables, measures
 the right things. No timing thresholds here: timings depend on the machine."""
 
 from __future__ import annotations
