@@ -25,13 +25,13 @@ from triadapt.methods.triadapt import TriAdaptLoRA
 from triadapt.schedules import GroupedLinearSchedule
 
 STEPS = 40
-TOL = dict(rtol=1e-6, atol=1e-9)
+TOL = {"rtol": 1e-6, "atol": 1e-9}
 
 
 def build(cls, **overrides):
     cfg = OmegaConf.load(CONF)
     cfg.target_rank = 4
-    cfg.update(dict(init_warmup=4, incre_interval=4, dropout=0.1, orth_reg_weight=0.1) | overrides)
+    cfg.update({"init_warmup": 4, "incre_interval": 4, "dropout": 0.1, "orth_reg_weight": 0.1} | overrides)
     method = cls(cfg, RunContext(total_steps=STEPS, target_modules=["query", "value"], learning_rate=1e-2, seed=3))
     torch.manual_seed(123)
     model = Stack()
@@ -52,7 +52,7 @@ def dense(layer, grad: bool = False) -> dict[str, torch.Tensor]:
     if isinstance(core, LegacyTriangularCore):
         r0 = 0
         for rows, cols in zip(core.rows, core.cols):
-            k, r1 = rows.shape
+            r1 = rows.shape[1]
             lower[r0:r1, :r1], upper[:r1, r0:r1] = val(rows), val(cols)
             r0 = r1
     elif isinstance(core, TriangularCore):
@@ -103,17 +103,17 @@ def step(run, t, batch):
 
 def assert_same(got: dict, want: dict, what: str) -> None:
     assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"{what} {k}: {m}")
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, **TOL, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(init="single", incre_rank_num=2),
-        dict(init="single", init_rank=2, incre_rank_num=3, growth="exponential"),
-        dict(init="block_c0", incre_rank_num=2),
-        dict(init="single", core="diagonal", incre_rank_num=2),
+        {"init": "single", "incre_rank_num": 2},
+        {"init": "single", "init_rank": 2, "incre_rank_num": 3, "growth": "exponential"},
+        {"init": "block_c0", "incre_rank_num": 2},
+        {"init": "single", "core": "diagonal", "incre_rank_num": 2},
     ],
     ids=["single", "single-init2-exp", "block_c0", "diagonal"],
 )
@@ -147,7 +147,7 @@ def test_block_layout_runs_as_the_per_component_layout(overrides):
 
 
 def test_single_block_holds_the_triangles_only():
-    method, model, *_ = build(TriAdaptLoRA, init="single", init_rank=3)
+    _, model, *_ = build(TriAdaptLoRA, init="single", init_rank=3)
     core = dict(adapted_layers(model))["layers.0.query"].core
     (block,) = core.blocks
     assert block.shape == (3 * 4,)  # r(r+1): 1+2+3 entries of L, 1+2+3 of U

@@ -98,8 +98,9 @@ def check_targets(rows: list[dict], memory: dict[str, dict], growth: dict | None
 
 def overhead_table(rows: list[dict]) -> str:
     clock = rows[0]["clock"] if rows else "cpu"
-    lines = [f"| variant | {clock} median ms | × floor | × lora | hooks ms/step | rank eff / computed "
-             "| gradient tensors | autograd nodes |", "|---|---|---|---|---|---|---|---|"]
+    head = (f"| variant | {clock} median ms | × floor | × lora | hooks ms/step | rank eff / computed "
+            "| gradient tensors | autograd nodes |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {1e3 * statistics.median(r['_series']):.1f} | {fmt(r['ratio_floor'])} "
@@ -158,8 +159,9 @@ def summary_markdown(result, rows, memory, growth, evals, checks, args, overhead
     if rows:
         parts += ["", main_table(rows, memory)]
     if overhead:
-        parts += ["", f"## Overhead: {args.overhead_model}, batch {args.overhead_batch} × seq {args.overhead_seq_len}, "
-                  "1 thread (dispatch-bound)", "", overhead_table(overhead)]
+        title = (f"## Overhead: {args.overhead_model}, batch {args.overhead_batch} × seq {args.overhead_seq_len}, "
+                 "1 thread (dispatch-bound)")
+        parts += ["", title, "", overhead_table(overhead)]
     if checks:
         parts += ["", "## Targets", "", targets_table(checks)]
     if growth:
