@@ -1,4 +1,4 @@
-"""The adapter-overhead benchmark (triadapt/bench.py): runs end to end, writes its tables, measures
+"""The adapter-overhead benchmark (the triadapt/bench package): runs end to end, writes its tables, measures
 the right things. No timing thresholds here: timings depend on the machine."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import sys
 import pytest
 import torch
 
-from triadapt import bench
+from triadapt.bench import config
+from triadapt.bench import runner as bench
 
 ROWS = ["floor", "full", "lora", "adalora", "increlora", "triadapt", "peft_lora", "peft_adalora"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = bench.model_config("tiny_bert")
+    cfg = config.model_config("tiny_bert")
     base, _ = bench.build_base(cfg, 0)
     return cfg, base, bench.make_batch(base, 4, 16, torch.device("cpu"), 0)
 
@@ -33,7 +34,8 @@ def test_bench_command_end_to_end(tmp_path, tiny_glue_dir):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "triadapt.bench", "--model", "tiny_bert", "--steps", "2", "--repeats", "1",
            "--out", str(out), "--data-dir", str(tiny_glue_dir), "--growth-model", "tiny_bert",
-           "--scaling-models", "tiny_bert,tiny_deberta", "--batch-size", "8", "--seq-len", "32", "--threads", "1"]
+           "--scaling-models", "tiny_bert,tiny_deberta", "--batch-size", "8", "--seq-len", "32", "--threads", "1",
+           "--overhead-model", "tiny_bert", "--overhead-steps", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,7 +53,20 @@ def test_bench_command_end_to_end(tmp_path, tiny_glue_dir):
     for m in ("adalora", "increlora", "triadapt", "peft_adalora"):
         assert float(rows[m]["rank_effective"]) == pytest.approx(8.0)
 
+    for r in rows.values():  # every row counts one step's gradient tensors and autograd nodes
+        assert int(r["autograd_nodes"]) > 0 and int(r["grad_tensors"]) >= 0
+    assert int(rows["floor"]["grad_tensors"]) == 0 and int(rows["lora"]["grad_tensors"]) > 0
+
+    with (out / "overhead.csv").open() as f:  # the dispatch-bound section, beside the main one
+        overhead = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(overhead) == set(rows)
+    assert all(r["clock"] == "cpu" and int(r["autograd_nodes"]) > 0 for r in overhead.values())
+    assert float(overhead["lora"]["ratio_lora"]) == 1.0
+    assert "## Overhead: tiny_bert, batch 1 × seq 8, 1 thread" in proc.stdout
+
     result = json.loads((out / "bench.json").read_text())
+    assert result["overhead"] and all(len(s["times_s"]) == 2 for s in result["overhead"])
+    assert any(t["target"].startswith("overhead: triadapt ≤ 1.15 × lora") for t in result["targets"])
     machine = result["machine"]
     assert machine["cpu_count"] and machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
     assert [s["variant"] for s in result["steps"]][: len(ROWS)] == ROWS
@@ -110,6 +125,22 @@ def test_adaptive_methods_are_timed_at_the_final_rank(tiny):
     assert grow.method.history and grow.method.history[0]["step"] == events[0]
 
 
+def test_step_counts_tensors_and_autograd_nodes(tiny):
+    """The counting step reports the gradient tensors the optimizer steps and the graph's nodes;
+    TriAdaptLoRA's tensors grow with its growth events (three per module and event), not its rank."""
+    lora, tri = runner(tiny, "lora"), runner(tiny, "triadapt")
+    for r in (lora, tri):
+        r.step(count=True)
+    trainable = [p for g in tri.optimizer.param_groups for p in g["params"] if p.requires_grad]
+    assert tri.tensors == len(trainable)
+    heads = lora.tensors - 2 * len(tri.method.layers)  # lora: one A and one B per module, plus the heads
+    blocks = sum(1 + sum(name in e["selected"] for e in tri.method.history) for name in tri.method.layers)
+    assert tri.tensors == 3 * blocks + heads
+    assert tri.method.total_rank > blocks  # events add several ranks each: fewer tensors than ranks
+    x = torch.ones(3, requires_grad=True)
+    assert bench.autograd_nodes((x * 2).sum()) == 3  # SumBackward, MulBackward, AccumulateGrad
+
+
 def test_paired_ratios():
     assert bench.paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
     assert bench.quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
@@ -117,11 +148,11 @@ def test_paired_ratios():
 
 
 def test_method_configs_resolve_the_budget():
-    cfg = bench.method_config("peft_adalora", 4)
+    cfg = config.method_config("peft_adalora", 4)
     assert cfg.name == "peft_adalora" and cfg.target_rank == 4 and cfg.tinit == 0.1  # merged with adalora.yaml
-    assert bench.method_config("lora", 16, dropout=0.1).r == 16
+    assert config.method_config("lora", 16, dropout=0.1).r == 16
     with pytest.raises(SystemExit):
-        bench.model_config("no_such_model")
+        config.model_config("no_such_model")
 
 
 def test_folded_and_factored_paths_agree():
@@ -133,7 +164,7 @@ def test_folded_and_factored_paths_agree():
     layer = core.AdaptedLinear(torch.nn.Linear(16, 12), core.TriangularCore(), scale=0.5)
     for k, r0 in ((1, 0), (2, 1)):
         layer.append_factors(torch.randn(k, 16), torch.randn(12, k))
-        layer.core.append(torch.randn(k, r0 + k), torch.randn(r0 + k, k))
+        layer.core.append(torch.randn(core.TriangularCore.block_numel(r0, r0 + k, True)), k)
     x = torch.randn(40, 16, dtype=torch.float32)
     assert core.fold_pays(40, 16, 12) and not core.fold_pays(4, 16, 12)
     grads = []

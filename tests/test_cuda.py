@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_lora import BERT_TARGETS, lora, tiny_bert
 from test_resume import SCHEDULES, Job, checkpoints, write_tiny_mrpc
 from test_run_e2e import run_py
-from triadapt.bench import method_config
+from triadapt.bench.config import method_config
 from triadapt.methods import RunContext, build_method
 from triadapt.methods.core import adapted_layers
 

@@ -357,9 +357,10 @@ def test_bench_llama_1b_shape_point():
 
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from triadapt import bench
+    from triadapt.bench.config import model_config
+    from triadapt.bench.scaling import scaling_plan
 
-    cfg = bench.model_config("llama_1b_shape")
+    cfg = model_config("llama_1b_shape")
     assert (
         cfg.source == "random"
         and cfg.tokenizer == "bytes"
@@ -371,18 +372,19 @@ def test_bench_llama_1b_shape_point():
     assert sum(p.numel() for p in model.base_model.parameters()) == 1_235_814_400
     args = argparse.Namespace(full=True, scaling_models=None, model="tiny_bert", batch_size=8, scaling_batch=4,
                               seq_len=32, rank=8)  # fmt: skip
-    points = [p for p in bench.scaling_plan(args) if p[0] == "model" and p[2] == "llama_1b_shape"]
+    points = [p for p in scaling_plan(args) if p[0] == "model" and p[2] == "llama_1b_shape"]
     assert {p[3].method for p in points} == {"floor", "lora", "peft_lora", "triadapt"}
 
 
 @pytest.mark.parametrize("method", ["floor", "lora", "triadapt"])
 def test_bench_steps_a_decoder(method):
-    from triadapt import bench
+    from triadapt.bench.config import model_config
+    from triadapt.bench.runner import Runner, Spec, build_base, make_batch
 
-    cfg = bench.model_config("tiny_llama")
-    base = bench.build_base(cfg, 0)[0]
-    batch = bench.make_batch(base, 4, 16, torch.device("cpu"), 0)
-    runner = bench.Runner(bench.Spec(method, "steady", 2), base, cfg, batch, torch.device("cpu"), 20, 1, 0)
+    cfg = model_config("tiny_llama")
+    base = build_base(cfg, 0)[0]
+    batch = make_batch(base, 4, 16, torch.device("cpu"), 0)
+    runner = Runner(Spec(method, "steady", 2), base, cfg, batch, torch.device("cpu"), 20, 1, 0)
     assert all(dt > 0 for dt, _ in (runner.step(), runner.step()))
     if method == "floor":
         assert len(runner.floor_leaves) == 3  # layer 0's q, k and v outputs

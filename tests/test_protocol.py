@@ -208,9 +208,12 @@ def _near_orthonormal(layers):
         for layer in layers:
             qa, _ = torch.linalg.qr(torch.randn(D, layer.rank))
             qb, _ = torch.linalg.qr(torch.randn(D, layer.rank))
-            for i, (a, b) in enumerate(zip(layer.lora_A, layer.lora_B)):
-                a.copy_(qa[:, i : i + 1].T + 1e-4 * torch.randn_like(a))
-                b.copy_(qb[:, i : i + 1] + 1e-4 * torch.randn_like(b))
+            r0 = 0
+            for a, b in zip(layer.lora_A, layer.lora_B):  # one block of k ranks each
+                k = a.shape[0]
+                a.copy_(qa[:, r0 : r0 + k].T + 1e-4 * torch.randn_like(a))
+                b.copy_(qb[:, r0 : r0 + k] + 1e-4 * torch.randn_like(b))
+                r0 += k
 
 
 def test_regulariser_under_bf16_autocast_is_the_fp32_one():

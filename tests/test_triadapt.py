@@ -104,13 +104,20 @@ def randomise(model):
 
 
 def dense_core(core: TriangularCore) -> torch.Tensor:
-    """C rebuilt entry by entry from the single-variant lists: row i of L = ℓ_i, column j of U = u_j."""
+    """C rebuilt entry by entry from the single-variant blocks: each holds rows ℓ_i of L (entries
+    0..i), then columns u_j of U (entries 0..j), for the ranks of its event."""
     r = core.rank
     c = torch.zeros(r, r)
-    for i, row in enumerate(core.rows):
-        c[i, : i + 1] += row[0]
-    for j, col in enumerate(core.cols):
-        c[: j + 1, j] += col[:, 0]
+    for block, (r0, r1, triangular) in zip(core.blocks, core.spans):
+        assert triangular
+        values = iter(block.tolist())
+        for i in range(r0, r1):
+            for col in range(i + 1):
+                c[i, col] += next(values)
+        for j in range(r0, r1):
+            for row in range(j + 1):
+                c[row, j] += next(values)
+        assert next(values, None) is None  # no extra in-block entries
     return c
 
 
@@ -123,12 +130,13 @@ def test_single_core_is_lower_rows_plus_upper_cols():
     randomise(model)
     core = layer.core
     assert isinstance(core, TriangularCore) and core.n_components == 3
-    assert [tuple(p.shape) for p in core.rows] == [(1, 1), (1, 2), (1, 3)]
-    assert [tuple(p.shape) for p in core.cols] == [(1, 1), (2, 1), (3, 1)]
+    # one block for the three initial ranks: L rows (1 + 2 + 3 entries), then U columns (1 + 2 + 3)
+    assert [tuple(p.shape) for p in core.blocks] == [(12,)]
+    block = core.blocks[0]
     c = core.matrix()
     assert torch.equal(c, dense_core(core))
-    assert c[2, 0] == core.rows[2][0, 0] and c[0, 2] == core.cols[2][0, 0]  # strictly lower / upper
-    assert c[1, 1] == core.rows[1][0, 1] + core.cols[1][1, 0]  # the diagonal is parametrised twice
+    assert c[2, 0] == block[3] and c[0, 2] == block[9]  # strictly lower / upper
+    assert c[1, 1] == block[2] + block[8]  # the diagonal is parametrised twice
     assert torch.equal(torch.tril(c, -1), torch.tril(core.lower(), -1))
     assert torch.equal(torch.triu(c, 1), torch.triu(core.upper(), 1))
 
@@ -139,16 +147,16 @@ def test_block_c0_layout():
     method._scores = lambda: {name: float(name == "layers.0.query") for name in method.layers}
     train(method, model, opt, sched, 0, 2)  # one event at step 1
     core = layers(model)["layers.0.query"].core
-    assert [tuple(p.shape) for p in core.rows] == [(1, 1), (2, 3)]
-    assert [tuple(p.shape) for p in core.cols] == [(1, 1), (3, 2)]
+    # rank 0 (ℓ_00, u_00), then the event's dense block: L rows 1..2 × cols 0..2, U rows 0..2 × cols 1..2
+    assert [tuple(p.shape) for p in core.blocks] == [(2,), (12,)] and core.n_components == 2
     layer = layers(model)["layers.0.query"]
     assert layer.lora_A[1].shape == (2, D) and layer.lora_B[1].shape == (D, 2)
     assert layer.lora_A[1].abs().sum() > 0 and layer.lora_B[1].abs().sum() > 0  # A, B ~ N(0, 0.02²)
     randomise(model)
     lo = torch.zeros(3, 3)
     up = torch.zeros(3, 3)
-    lo[0, :1], lo[1:3, :3] = core.rows[0][0], core.rows[1]
-    up[:1, 0], up[:3, 1:3] = core.cols[0][:, 0], core.cols[1]
+    lo[0, 0], up[0, 0] = core.blocks[0]
+    lo[1:3, :3], up[:3, 1:3] = core.blocks[1][:6].view(2, 3), core.blocks[1][6:].view(3, 2)
     assert torch.equal(core.matrix(), lo + up)
 
 
@@ -159,7 +167,7 @@ def test_block_c0_grown_core_block_is_zero():
     method.before_step(1, model, opt, sched)
     grown = method.history[0]["selected"][0]
     core = layers(model)[grown].core
-    assert torch.count_nonzero(core.rows[-1]) == 0 and torch.count_nonzero(core.cols[-1]) == 0
+    assert torch.count_nonzero(core.blocks[-1]) == 0
 
 
 @pytest.mark.parametrize("core", ["triangular", "diagonal"])
@@ -194,9 +202,10 @@ def test_single_init_rank_above_one_zeroes_only_the_first_b():
     # As in the author's code: all initial components ~ N(0, 0.02²), then index 0 re-initialised with b = 0.
     method, model, *_ = setup(init="single", init_rank=3)
     for layer in layers(model).values():
-        assert torch.count_nonzero(layer.lora_B[0]) == 0
-        assert all(torch.count_nonzero(layer.lora_B[i]) == D for i in (1, 2))
-        assert all(torch.count_nonzero(layer.lora_A[i]) == D for i in range(3))
+        b = layer.lora_B[0]  # the three initial components in one block
+        assert torch.count_nonzero(b[:, 0]) == 0
+        assert all(torch.count_nonzero(b[:, i]) == D for i in (1, 2))
+        assert torch.count_nonzero(layer.lora_A[0]) == 3 * D
         assert torch.count_nonzero(layer.delta_weight()) > 0  # ΔW ≠ 0 at start, unlike init_rank = 1
 
 
@@ -232,12 +241,13 @@ def test_growth_appends_components_and_keeps_existing_state():
             assert layer.rank == r0 and not fresh
             continue
         assert layer.rank == r0 + 2 and layer.core.n_components == r0 + 2
-        for r in (r0 + 1, r0 + 2):  # one row of A, column of B, row of L and column of U per rank
-            assert layer.lora_A[r - 1].shape == (1, D) and layer.lora_B[r - 1].shape == (D, 1)
-            assert layer.core.rows[r - 1].shape == (1, r) and layer.core.cols[r - 1].shape == (r, 1)
-            assert torch.count_nonzero(layer.lora_B[r - 1]) == D  # grown b ~ N(0, 0.02²), unlike b_1 = 0
+        # one block for the event: two rows of A, two columns of B, rows r0, r0+1 of L and the
+        # same columns of U (their triangle entries only)
+        assert layer.lora_A[-1].shape == (2, D) and layer.lora_B[-1].shape == (D, 2)
+        assert layer.core.blocks[-1].shape == (2 * ((r0 + 1) + (r0 + 2)),)
+        assert torch.count_nonzero(layer.lora_B[-1]) == 2 * D  # grown b ~ N(0, 0.02²), unlike b_1 = 0
         assert layer.scale == 32 / (r0 + 2 + 1e-5)
-        assert len(fresh) == 8 and all(any(p is q for q in new_group) for p in fresh)
+        assert len(fresh) == 3 and all(any(p is q for q in new_group) for p in fresh)
         assert not any(id(p) in old_ids for p in fresh)
         assert all(p not in opt.state for p in fresh)
     assert opt.param_groups[-1]["lr"] == 0.0  # restart warmup begins at 0

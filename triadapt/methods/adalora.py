@@ -18,18 +18,12 @@ import torch
 from torch import nn
 
 from triadapt.errors import ConfigError
+from triadapt.methods.adapted_linear import AdaptedLinear, optimizer_group
 from triadapt.methods.base import Method, RunContext, resolve_steps
-from triadapt.methods.core import (
-    AdaptedLinear,
-    DiagonalCore,
-    adapted_layers,
-    at_least_fp32,
-    find_target_linears,
-    fp32_statistics,
-    optimizer_group,
-    orthogonal_regulariser,
-    replace_module,
-)
+from triadapt.methods.cores import DiagonalCore
+from triadapt.methods.fp32_statistics import at_least_fp32, fp32_statistics
+from triadapt.methods.module_discovery import adapted_layers, find_target_linears, replace_module
+from triadapt.methods.orthogonal_regulariser import orthogonal_regulariser
 
 
 @dataclass(frozen=True)

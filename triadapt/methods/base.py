@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from triadapt.errors import ConfigError
-from triadapt.methods.core import adapted_layers
+from triadapt.methods.module_discovery import adapted_layers
 
 
 @dataclass

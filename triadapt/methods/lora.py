@@ -8,14 +8,10 @@ import torch
 from torch import nn
 
 from triadapt.errors import ConfigError
+from triadapt.methods.adapted_linear import AdaptedLinear, optimizer_group
 from triadapt.methods.base import Method
-from triadapt.methods.core import (
-    AdaptedLinear,
-    IdentityCore,
-    find_target_linears,
-    optimizer_group,
-    replace_module,
-)
+from triadapt.methods.cores import IdentityCore
+from triadapt.methods.module_discovery import find_target_linears, replace_module
 
 
 class LoRA(Method):

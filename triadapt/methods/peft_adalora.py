@@ -16,7 +16,7 @@ from torch import nn
 from triadapt.errors import ConfigError
 from triadapt.methods.adalora import AdaLoRASettings
 from triadapt.methods.base import Method, RunContext
-from triadapt.methods.core import find_target_linears
+from triadapt.methods.module_discovery import find_target_linears
 
 ADAPTER = "default"
 

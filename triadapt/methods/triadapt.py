@@ -9,8 +9,8 @@ Ranks start at ``init_rank`` and grow during training:
 * §4.3 dynamic threshold — at step t > t0 with t % Δt == 0 and R_t < R*:
   p = (t − t0)/(T − t0); m = ⌊(R* − R_t)·p⌋ (linear) or int(exp(p·ln(R* − R_t))) (exponential), clamped
   to [1, n]; τ = m-th largest score; every module with S ≥ τ grows by Δr.
-* §4.4 growth appends new Parameters (existing tensors and their Adam state are untouched)
-  and puts them in a new optimizer param group with its own LR schedule.
+* §4.4 growth appends one block of A, B and core per grown module (existing tensors and their
+  Adam state are untouched) and puts them in a new optimizer param group with its own LR schedule.
 * §4.5 loss += γ · mean over modules of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F (nothing on C).
 """
 
@@ -23,19 +23,12 @@ import torch
 from torch import nn
 
 from triadapt.errors import ConfigError
+from triadapt.methods.adapted_linear import AdaptedLinear, optimizer_group
 from triadapt.methods.base import Method, resolve_steps
-from triadapt.methods.core import (
-    AdaptedLinear,
-    DiagonalCore,
-    TriangularCore,
-    adapted_layers,
-    at_least_fp32,
-    find_target_linears,
-    fp32_statistics,
-    optimizer_group,
-    orthogonal_regulariser,
-    replace_module,
-)
+from triadapt.methods.cores import DiagonalCore, TriangularCore
+from triadapt.methods.fp32_statistics import at_least_fp32, fp32_statistics
+from triadapt.methods.module_discovery import adapted_layers, find_target_linears, replace_module
+from triadapt.methods.orthogonal_regulariser import orthogonal_regulariser
 from triadapt.schedules import NEW_GROUP_SCHEDULES, add_param_group
 
 GROWTHS = ("linear", "exponential", "none")
@@ -45,6 +38,8 @@ INITS = ("single", "block_c0")
 SCALINGS = ("alpha_over_r", "constant")
 OVERSHOOTS = ("clamp", "allow")
 INIT_STD = 0.02
+#: checkpoint layout: one A, B and core block per module and growth event
+LAYOUT = "event_blocks"
 
 
 def growth_count(remaining: int, progress: float, n_modules: int, growth: str) -> int:
@@ -125,34 +120,42 @@ class TriAdaptLoRA(Method):
         return torch.randn(*shape, generator=self.init_gen).mul_(INIT_STD)
 
     def _append(self, layer: AdaptedLinear, k: int, initial: bool) -> list[nn.Parameter]:
-        """Append k ranks to ``layer`` and return the new Parameters.
+        """Append k ranks to ``layer`` as one block of A, B and core; return the new Parameters.
 
         single: k components of size 1; ℓ, u, a, b ~ N(0, 0.02²), except b = 0 for a module's
         very first component (so ΔW = 0 at start when init_rank = 1; with init_rank > 1 the other
         initial components start non-zero, as in the author's code, whose reset re-initialises
-        index 0 only). block_c0: one block of size k with its core entries 0 and A, B ~ N(0, 0.02²).
+        index 0 only). They are drawn component by component in the author's order (a, b, ℓ, u),
+        then stored together: the triangle entries of the new rows of L and columns of U, nothing
+        else. block_c0: one block of size k with its core entries 0 and A, B ~ N(0, 0.02²).
         """
         device = layer.base.weight.device
-        d_in, d_out, r1 = layer.in_features, layer.out_features, layer.rank
-        zero_core = self.init == "block_c0"
+        d_in, d_out, r0 = layer.in_features, layer.out_features, layer.rank
         triangular = self.core == "triangular"
-        new: list[nn.Parameter] = []
-        for size in [1] * k if self.init == "single" else [k]:
-            zero_b = self.init == "single" and initial and r1 == 0
-            r1 += size
-            a = self._normal(size, d_in)
-            b = torch.zeros(d_out, size) if zero_b else self._normal(d_out, size)
-            new += layer.append_factors(a, b)
-            if triangular:
-                rows = torch.zeros(size, r1) if zero_core else self._normal(size, r1)
-                cols = torch.zeros(r1, size) if zero_core else self._normal(r1, size)
-                new += layer.core.append(rows.to(device), cols.to(device))
-            else:
-                values = torch.zeros(size) if zero_core else self._normal(size)
-                new.append(layer.core.append(values.to(device)))
+        if self.init == "single":
+            a, b, lower, upper = [], [], [], []
+            for i in range(r0, r0 + k):
+                a.append(self._normal(1, d_in))
+                b.append(torch.zeros(d_out, 1) if initial and i == 0 else self._normal(d_out, 1))
+                lower.append(self._normal(i + 1 if triangular else 1))  # row i of L: entries 0..i
+                if triangular:
+                    upper.append(self._normal(i + 1))  # column i of U: entries 0..i
+            a, b, core = torch.cat(a), torch.cat(b, dim=1), torch.cat(lower + upper)
+        else:
+            a, b = self._normal(k, d_in), self._normal(d_out, k)
+            core = torch.zeros(TriangularCore.block_numel(r0, r0 + k, False) if triangular else k)
+        new = layer.append_factors(a, b)
+        if triangular:
+            new.append(layer.core.append(core.to(device), k, triangular=self.init == "single"))
+        else:
+            new.append(layer.core.append(core.to(device), components=k if self.init == "single" else 1))
         # s = α/r_k with the code's +1e-5; it shrinks as the module grows.
+        r1 = r0 + k
         layer.scale = self.alpha / (r1 + 1e-5) if self.scaling == "alpha_over_r" else self.scale_constant
         return new
+
+    def _new_core(self) -> nn.Module:
+        return TriangularCore() if self.core == "triangular" else DiagonalCore()
 
     def inject(self, model: nn.Module) -> list[dict]:
         for p in model.parameters():
@@ -174,8 +177,7 @@ class TriAdaptLoRA(Method):
 
         params = []
         for name, linear in targets:
-            layer = AdaptedLinear(linear, TriangularCore() if self.core == "triangular" else DiagonalCore(),
-                                  dropout=float(self.cfg.dropout))
+            layer = AdaptedLinear(linear, self._new_core(), dropout=float(self.cfg.dropout))
             params += self._append(layer, start, initial=True)
             replace_module(model, name, layer)
             self.layers[name] = layer
@@ -282,6 +284,7 @@ class TriAdaptLoRA(Method):
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "layout": LAYOUT,
             "history": [dict(e, selected=list(e["selected"])) for e in self.history],
             "prev_norm": dict(self.prev_norm),
             "withheld": self.withheld,
@@ -291,6 +294,11 @@ class TriAdaptLoRA(Method):
         }
 
     def load_state_dict(self, state: dict, model: nn.Module, optimizer=None, scheduler=None) -> None:
+        if state.get("layout") != LAYOUT:
+            raise ConfigError(
+                "this TriAdaptLoRA checkpoint stores one tensor per rank (the layout before one block per growth "
+                "event) and cannot be resumed by this version; resume it with the commit that wrote it, or start over"
+            )
         # Replay every event on the freshly injected model so that parameters and param groups
         # exist in the original order; their values are loaded afterwards by the caller.
         for event in state["history"]:
