@@ -100,6 +100,7 @@ def hub_cache_with(checkpoints: dict[str, Path], cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Saved tiny BERT and DeBERTa-v2 checkpoints: {architecture: folder}."""
+    """Saved tiny BERT, DeBERTa-v2, LLaMA and Qwen2 checkpoints: {architecture: folder}."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {arch: save_tiny_checkpoint(name, root / arch) for arch, name in (("bert", "tiny_bert"), ("deberta-v2", "tiny_deberta"))}
+    archs = (("bert", "tiny_bert"), ("deberta-v2", "tiny_deberta"), ("llama", "tiny_llama"), ("qwen2", "tiny_qwen2"))
+    return {arch: save_tiny_checkpoint(name, root / arch) for arch, name in archs}

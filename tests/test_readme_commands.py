@@ -37,7 +37,10 @@ from omegaconf import OmegaConf
 from conftest import CONF, REPO, SHARED_DATA, hub_cache_with
 
 DESIGN_CARD_COMMAND = "python run.py method=triadapt task=glue/mrpc"
-HUB_MODELS = {"microsoft/deberta-v3-base": "deberta-v2", "google-bert/bert-base-uncased": "bert"}
+HUB_MODELS = {
+    "microsoft/deberta-v3-base": "deberta-v2", "google-bert/bert-base-uncased": "bert",
+    "meta-llama/Llama-3.2-1B": "llama", "Qwen/Qwen2.5-0.5B": "qwen2",
+}  # fmt: skip
 STOP_AFTER = 1
 
 
@@ -48,13 +51,20 @@ def _args(command: str) -> list[str]:
 
 
 def readme_commands() -> list[str]:
-    commands, in_bash = [], False
+    commands, in_bash, pending = [], False, ""
     for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
         if line.startswith("```"):
-            in_bash = line.strip() == "```bash"
+            in_bash, pending = line.strip() == "```bash", ""
             continue
-        if in_bash and line.strip().startswith("python run.py"):
-            commands.append(line.strip())
+        if not in_bash:
+            continue
+        line = pending + line.strip()
+        if line.endswith("\\"):  # a command continued on the next line
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line.startswith("python run.py"):
+            commands.append(line)
     return commands
 
 
@@ -94,7 +104,7 @@ def _composed_only(args: list[str]) -> None:
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-        assert cfg.hydra.runtime.choices["hydra/launcher"] == "submitit_slurm"
+        assert cfg.hydra.runtime.choices["hydra/launcher"] == "triadapt_slurm"
         params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
         jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
         assert jobs
@@ -109,7 +119,7 @@ def _composed_only(args: list[str]) -> None:
 def test_readme_command_trains_as_written(index, workspace):
     command = COMMANDS[index]
     args = _args(command)
-    if "launcher=slurm" in args:
+    if any(a.startswith("launcher=slurm") for a in args):
         _composed_only(args)
         return
     work, env = workspace

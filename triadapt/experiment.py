@@ -477,8 +477,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = run_dir_of(cfg)
     fresh = _fresh(run_dir)
     shown = _display_path(run_dir)
-    log.info("run dir: %s", shown)
     try:
+        validate(cfg)  # a rejected command names no run dir (run() validates again: harmless)
+        log.info("run dir: %s", shown)
         value = run(cfg)
         log.info("run dir: %s (%s)", shown, _status_of(run_dir))
         return value

@@ -457,7 +457,7 @@ def settings_differences(runs: pd.DataFrame) -> list[str]:
             values[row] = settings
         keys = sorted(set().union(*values.values())) if values else []
         for key in keys:
-            if key.startswith(("method.", "budget.")):
+            if key.startswith(("method.", "budget.", "protocol.recipe.method.")):
                 continue
             by_row = {row: _plain(s.get(key, "absent")) for row, s in values.items()}
             if len(set(by_row.values())) > 1:

@@ -60,6 +60,11 @@ def validate(cfg) -> None:
 
     d = cfg.data
     _choice("data.source", d.get("source", "auto"), DATA_SOURCES)
+    from triadapt.data import data_layouts, resolve_data_dir
+
+    root = resolve_data_dir(d)
+    if root is not None and d.get("source", "auto") != "hub" and not root.is_dir():
+        raise ConfigError(f"data dir {root} does not exist; {data_layouts()}")
     for key in ("max_train_samples", "max_eval_samples"):
         value = d.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
