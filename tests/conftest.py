@@ -49,16 +49,24 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
+WORDS = ["the cat sat", "a dog ran", "stocks fell sharply", "he said so", "rain is coming", "it was late"]
+
+
+def write_tiny_mrpc(root: Path) -> Path:
+    """A hand-made MRPC folder (64 pairs, train = dev) in the GLUE TSV layout under ``root``."""
+    (root / "MRPC").mkdir(parents=True)
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    rows = [f"{i % 2}\t{i}\t{i + 100}\t{WORDS[i % 6]} today\t{WORDS[(i * 5) % 6]} now\n" for i in range(64)]
+    for split in ("train", "dev"):
+        (root / "MRPC" / f"{split}.tsv").write_text(header + "".join(rows), encoding="utf-8")
+    return root
+
+
 @pytest.fixture
 def tiny_glue_dir(tmp_path) -> Path:
     """A small MRPC/STS-B/CoLA folder in the GLUE TSV layout, made by hand (no real data needed)."""
-    root = tmp_path / "glue"
-    (root / "MRPC").mkdir(parents=True)
-    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-    words = ["the cat sat", "a dog ran", "stocks fell sharply", "he said so", "rain is coming", "it was late"]
-    rows = [f"{i % 2}\t{i}\t{i + 100}\t{words[i % 6]} today\t{words[(i * 5) % 6]} now\n" for i in range(64)]
-    for split in ("train", "dev"):
-        (root / "MRPC" / f"{split}.tsv").write_text(header + "".join(rows), encoding="utf-8")
+    root = write_tiny_mrpc(tmp_path / "glue")
+    words = WORDS
     (root / "STS-B").mkdir()
     sts_header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
     sts = [f"{i}\tg\tf\ty\t{i}\ts\ts\t{words[i % 6]}\t{words[(i + 1) % 6]}\t{(i % 6) * 1.0:.3f}\n" for i in range(48)]
@@ -78,10 +86,15 @@ def save_tiny_checkpoint(model_name: str, folder: Path) -> Path:
     model_cfg = compose([f"model={model_name}"]).model
     tokenizer = load_tokenizer(model_cfg)
     arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
-    AutoModel.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    model_type = arch.pop("model_type")
+    vocab = len(tokenizer)
+    while True:  # read back as the hub path reads it: beside a Qwen2 config the tokenizer gains a token
+        AutoModel.from_config(AutoConfig.for_model(model_type, vocab_size=vocab, **arch)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        loaded = len(load_tokenizer(OmegaConf.create({"source": "hub", "pretrained": str(folder)})))
+        if loaded <= vocab:
+            return folder
+        vocab = loaded
 
 
 def hub_cache_with(checkpoints: dict[str, Path], cache: Path) -> Path:

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_tiny_mrpc
 from test_lora import BERT_TARGETS, lora, tiny_bert
-from test_resume import SCHEDULES, Job, checkpoints, write_tiny_mrpc
+from test_resume import SCHEDULES, Job, checkpoints
 from test_run_e2e import run_py
 from triadapt.bench.config import method_config
 from triadapt.methods import RunContext, build_method

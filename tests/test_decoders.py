@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, REPO, compose
+from conftest import CONF, REPO, compose, write_tiny_mrpc
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -54,14 +54,7 @@ SCHEDULES = {"triadapt": ["method.init_warmup=2", "method.incre_interval=1"]}
 @pytest.fixture(scope="module")
 def glue(tmp_path_factory) -> Path:
     """A hand-made MRPC folder (64 pairs) in the GLUE TSV layout."""
-    root = tmp_path_factory.mktemp("data") / "glue"
-    (root / "MRPC").mkdir(parents=True)
-    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-    words = ["the cat sat", "a dog ran", "stocks fell sharply", "he said so", "rain is coming", "it was late"]
-    rows = [f"{i % 2}\t{i}\t{i + 100}\t{words[i % 6]} today\t{words[(i * 5) % 6]} now\n" for i in range(64)]
-    for split in ("train", "dev"):
-        (root / "MRPC" / f"{split}.tsv").write_text(header + "".join(rows), encoding="utf-8")
-    return root
+    return write_tiny_mrpc(tmp_path_factory.mktemp("data") / "glue")
 
 
 def _squad_json(n: int, offset: int) -> dict:

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, compose
+from conftest import REPO, compose, write_tiny_mrpc
 
 KILL_SEED = int(os.environ.get("TRIADAPT_KILL_SEED", "2024"))
 MAX_STEPS, CHECKPOINT_EVERY, KEEP = 40, 5, 2
@@ -152,16 +152,6 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, Path, list[int], Path]]:
                 job.proc.kill()
     return {m: (root / f"{m}-uninterrupted", victims[m].run_dir, at_kill[m], victims[m].log) for m in SCHEDULES}
 
-
-def write_tiny_mrpc(root: Path) -> Path:
-    """The MRPC part of conftest's ``tiny_glue_dir`` (a module-scoped copy)."""
-    (root / "MRPC").mkdir(parents=True)
-    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-    words = ["the cat sat", "a dog ran", "stocks fell sharply", "he said so", "rain is coming", "it was late"]
-    rows = [f"{i % 2}\t{i}\t{i + 100}\t{words[i % 6]} today\t{words[(i * 5) % 6]} now\n" for i in range(64)]
-    for split in ("train", "dev"):
-        (root / "MRPC" / f"{split}.tsv").write_text(header + "".join(rows), encoding="utf-8")
-    return root
 
 
 def evals(run_dir: Path) -> list[dict]:

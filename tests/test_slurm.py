@@ -24,7 +24,7 @@ import conftest
 import pytest
 from conftest import REPO
 
-STEPS = 300  # per sweep job: long enough to catch it mid-training, a few seconds on one core
+STEPS = 1000  # per sweep job: long enough to catch it mid-training (~20 s on one core)
 NAME = "triadapt-mrpc-{method}-r2-seed{seed}"  # conf/launcher/slurm.yaml's per-job name for experiment=smoke
 
 

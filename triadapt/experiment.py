@@ -28,7 +28,7 @@ from triadapt.data import build_task
 from triadapt.errors import ConfigError, TriadaptError
 from triadapt.methods import RunContext, build_method
 from triadapt.models import head_parameters, load_model, load_tokenizer
-from triadapt.rundir import RunDirBusy, RunDirLock
+from triadapt.rundir import RunDirLock
 from triadapt.schedules import GroupedLinearSchedule
 from triadapt.tracking import (
     RESULT_FILE,
@@ -492,9 +492,7 @@ def main(cfg: DictConfig) -> float | None:
             print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
             sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
-            if not isinstance(e, RunDirBusy):  # a locked dir belongs to another process: write nothing there
-                _record_failure(cfg, run_dir, e)
-            return e  # the sweep summary counts the job failed
+            return e  # the sweep summary names the job failed; nothing is written into its dir
         if fresh and isinstance(e, ConfigError):
             _remove_run_dir(run_dir, Path(cfg.paths.output_dir))  # a rejected command leaves nothing behind
         sys.exit(2)

@@ -39,10 +39,10 @@ from triadapt.methods.core import (
     AdaptedLinear,
     DiagonalCore,
     TriangularCore,
-    _folded_weight,
     adapted_layers,
     replace_module,
 )
+from triadapt.methods.lowrank_kernels import _folded_weight
 from triadapt.models import head_parameters, load_model, load_tokenizer
 from triadapt.tracking import read_result
 from triadapt.train import seed_everything
@@ -162,10 +162,13 @@ def _grow_to_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 core.append(torch.zeros_like(tensors[f"{name}.core.values.{j}"]))
                 j += 1
         elif isinstance(core, TriangularCore):
-            j = len(core.rows)
-            while f"{name}.core.rows.{j}" in tensors:
-                rows, cols = tensors[f"{name}.core.rows.{j}"], tensors[f"{name}.core.cols.{j}"]
-                core.append(torch.zeros_like(rows), torch.zeros_like(cols))
+            # one core block per growth event, beside that event's A block (k ranks); a block is
+            # triangular ("single") when it holds exactly the triangle entries of its k ranks
+            j = len(core.blocks)
+            while f"{name}.core.blocks.{j}" in tensors:
+                values, k = tensors[f"{name}.core.blocks.{j}"], tensors[f"{name}.lora_A.{j}"].shape[0]
+                triangular = values.numel() == TriangularCore.block_numel(core.rank, core.rank + k, True)
+                core.append(torch.zeros_like(values), k, triangular=triangular)
                 j += 1
 
 
