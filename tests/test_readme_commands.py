@@ -127,7 +127,7 @@ def test_readme_command_trains_as_written(index, workspace):
     out = proc.stdout + proc.stderr
     # stopped by the test-only limit after its first steps, not by an error
     assert proc.returncode == 130, f"{command}\n{out[-4000:]}"
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error: ", "interrupted: "))]
     assert errors and all(f"stopped by TRIADAPT_STOP_AFTER_STEPS={STOP_AFTER}" in e for e in errors), out[-4000:]
     assert "train features" in out and "trainable params" in out, out[-4000:]  # model and data loaded
     resume = re.findall(r"^resume: python run\.py resume=(.+)$", proc.stderr, flags=re.M)

@@ -340,7 +340,8 @@ def test_sigterm_while_loading_data_records_interrupted(tmp_path, tiny_glue_dir,
     run_dir = tmp_path / "run"
     code, err = run_main([f"data.dir={tiny_glue_dir}"], run_dir, capsys)
     error, resume = [line for line in err.splitlines() if line.strip()]  # the error, then how to resume
-    line = one_line(error)
+    assert error.startswith("interrupted: ") and "Traceback" not in err
+    line = error
     assert resume.startswith("resume: python ") and resume.endswith(f"resume={run_dir}")
     assert code == 130 and f"stopped by signal {int(signal.SIGTERM)} outside the training loop" in line
     result = json.loads((run_dir / "result.json").read_text())

@@ -484,11 +484,12 @@ def main(cfg: DictConfig) -> float | None:
         log.info("run dir: %s (%s)", shown, _status_of(run_dir))
         return value
     except (TriadaptError, KeyboardInterrupt) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "interrupted"
-        print(f"error: {message}", file=sys.stderr, flush=True)  # one line; the traceback only with debug=true
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "stopped"
+        stopped = isinstance(e, (Interrupted, KeyboardInterrupt))  # a stop asked for, not an error: resumable
+        print(f"{'interrupted' if stopped else 'error'}: {message}", file=sys.stderr, flush=True)
         if cfg.get("debug"):
             raise
-        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+        if stopped:
             print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
             sys.exit(130)  # a signal stops the whole sweep, not just this job
         if _is_multirun():
