@@ -207,7 +207,7 @@ def test_sigterm_stops_with_a_checkpoint_refuses_other_settings_then_resumes(run
     assert result["status"] == "interrupted" and result["error"]["type"] == "Interrupted"
     stopped = max(checkpoints(job.run_dir))
     assert f"stopped by signal {int(signal.SIGTERM)} at step {stopped}; resume from" in result["error"]["message"]
-    assert f"error: {result['error']['message']}" in job.log.read_text()
+    assert f"interrupted: {result['error']['message']}" in job.log.read_text()
 
     overrides = [a for a in job.cmd[2:] if not a.startswith("hydra.")] + [f"+paths.run_dir={job.run_dir}"]
     before = {p.name: p.read_bytes() for p in (job.run_dir / "checkpoints").iterdir()}
