@@ -99,7 +99,7 @@ def _essentials(cfg: DictConfig, run_dir: Path) -> dict:
 #: (a resumed optimizer keeps the kernel choice stored in its checkpoint).
 RESUME_MAY_CHANGE = frozenset({
     "resume", "debug", "logger", "paths", "data.dir", "data.source",
-    "train.device", "train.gradient_checkpointing", "train.fused_optimizer", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.device", "train.gradient_checkpointing", "train.fused_optimizer", "train.cuda_graphs", "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
 })  # fmt: skip
 
 
@@ -386,6 +386,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
         log=tracker.log,
         group_by_length=bool(cfg.data.get("group_by_length")),
         config=config,
+        max_length=int(cfg.task.max_seq_length),
     )
     log.info(
         "%s | %s | %s: %d train features, %d steps (%d/epoch), %d trainable params (%d in the head), data %s",
@@ -414,6 +415,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint: Path | None, tracker: Tra
             "step_s_median": summary["step_s_median"],
             "hook_s": summary["hook_s"],
             "peak_mem_mb": summary["peak_mem_mb"],
+            "graph_captures": summary["graph_captures"],  # train.cuda_graphs: count and seconds
         },
         "data": task.info,
         "final_checkpoint": summary["final_checkpoint"],

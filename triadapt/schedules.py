@@ -40,6 +40,8 @@ class GroupedLinearSchedule:
         self.total_steps = total_steps
         self.current_step = 0
         self.groups = [_Group(g["lr"], 0, "global") for g in optimizer.param_groups]
+        self.lr_device: torch.device | None = None  # set: each group's lr is a 0-dim fp32 tensor there
+        self._constants: tuple | None = None
         self._apply()
 
     def register_new_group(self, mode: str) -> None:
@@ -49,7 +51,7 @@ class GroupedLinearSchedule:
         if len(self.optimizer.param_groups) != len(self.groups) + 1:
             raise RuntimeError("register_new_group must follow exactly one optimizer.add_param_group")
         group = self.optimizer.param_groups[-1]
-        self.groups.append(_Group(group["lr"], self.current_step, mode))
+        self.groups.append(_Group(float(group["lr"]), self.current_step, mode))
         self._apply()
 
     def factor(self, index: int) -> float:
@@ -62,7 +64,46 @@ class GroupedLinearSchedule:
 
     def _apply(self) -> None:
         for i, (group, meta) in enumerate(zip(self.optimizer.param_groups, self.groups)):
-            group["lr"] = meta.base_lr * self.factor(i)
+            value = meta.base_lr * self.factor(i)
+            if self.lr_device is None:
+                group["lr"] = value
+            elif isinstance(group["lr"], torch.Tensor) and group["lr"].device == self.lr_device:
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = torch.tensor(value, dtype=torch.float32, device=self.lr_device)
+
+    # -- learning rates as device tensors (captured steps, triadapt.step_capture) -----------------
+    def use_tensor_lrs(self, device: torch.device) -> None:
+        """Hold every group's lr as a 0-dim fp32 tensor on ``device`` (what a captured AdamW reads)."""
+        self.lr_device = device
+        self._apply()
+
+    def prepare_tensor_step(self) -> None:
+        """Build the per-group constants :meth:`tensor_step` reads (before a capture: no
+        host-to-device copy may happen inside one)."""
+        if self._constants is not None and self._constants[0] == len(self.groups):
+            return
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.lr_device)  # noqa: E731
+        self._constants = (
+            len(self.groups),
+            as_tensor([g.base_lr for g in self.groups], torch.float64),
+            as_tensor([g.start if g.mode == "restart" else 0 for g in self.groups], torch.float64),
+            as_tensor([g.mode == "constant" for g in self.groups], torch.bool),
+        )
+
+    def tensor_step(self, step: torch.Tensor) -> None:
+        """Set every group's lr for ``step`` (a device tensor) with device ops only — what
+        :meth:`step` does, recordable in a CUDA graph; the caller advances ``current_step``. The
+        factors are computed in float64 like :func:`linear_factor`'s Python floats."""
+        self.prepare_tensor_step()
+        _, base, start, constant = self._constants
+        s = step.double() - start  # restart groups count from their insertion step
+        total = self.total_steps - start
+        warm = s / max(1, self.warmup_steps)
+        decay = ((total - s) / (total - self.warmup_steps).clamp(min=1)).clamp(min=0.0)
+        factor = torch.where(constant, torch.ones_like(s), torch.where(s < self.warmup_steps, warm, decay))
+        lrs = (base * factor).float()
+        torch._foreach_copy_([g["lr"] for g in self.optimizer.param_groups], list(lrs.unbind()))
 
     def step(self) -> None:
         self.current_step += 1
@@ -77,6 +118,7 @@ class GroupedLinearSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.current_step = state["current_step"]
         self.groups = [_Group(**g) for g in state["groups"]]
+        self._constants = None
         self._apply()
 
 

@@ -212,6 +212,7 @@ class Trainer:
         log: Callable[[dict, int], None] = lambda values, step: None,
         group_by_length: bool = False,
         config: dict | None = None,
+        max_length: int | None = None,
     ) -> None:
         self.model = model
         self.method = method
@@ -235,6 +236,11 @@ class Trainer:
         self._stop_signal: int | None = None
         self.autocast = configure_precision(train_cfg.precision, bool(train_cfg.get("tf32", False)), device)
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        # train.cuda_graphs: whole steps captured and replayed (triadapt.step_capture); batches are
+        # padded to length buckets so that a handful of graphs serve the whole run
+        self.capture = bool(train_cfg.get("cuda_graphs", False))
+        self.max_length = max_length
+        self.stepper = None
 
     # -- data ------------------------------------------------------------------------------
     def _batch(self, step: int) -> dict:
@@ -243,6 +249,11 @@ class Trainer:
             self._epoch_cache = (epoch, epoch_batches(len(self.task.train), self.cfg.batch_size, self.seed, epoch, self.lengths))
         idx = self._epoch_cache[1][pos]
         batch = self.task.collate([self.task.train[i] for i in idx])
+        if self.capture:
+            from triadapt.step_capture import pad_to_bucket  # imports this module
+
+            pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+            return pad_to_bucket(batch, self.max_length or batch["input_ids"].shape[1], pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -399,53 +410,97 @@ class Trainer:
         finally:
             bar.close()  # before any error line, which must not land on the bar's line
 
+    def _eager_step(self, step: int, batch: dict, clip: float) -> tuple[float, float, float | None]:
+        """One uncaptured step with its host-side checks: (hook seconds, task loss, regulariser)."""
+        model = self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            task_loss = model(**batch).loss
+            reg = self.method.extra_loss(model)
+        loss = task_loss if reg is None else task_loss + reg
+        if not torch.isfinite(loss):
+            self._diverged(f"loss is {loss.item()}")
+        loss.backward()
+        # A non-finite gradient would poison the weights: stop before the optimizer step.
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = clip_gradients(params, clip)
+        if not torch.isfinite(grad_norm):
+            self._diverged(f"gradient norm is {grad_norm.item()}")
+        hook_s = optimizer_step(step, model, self.method, self.optimizer, self.scheduler)
+        self._check_state(step)
+        return hook_s, task_loss.item(), None if reg is None else reg.item()
+
+    def _check_state(self, step: int) -> None:
+        # The update itself can overflow (train.lr=inf, a huge second moment): stop before such a
+        # state is evaluated, saved as the best adapter or checkpointed.
+        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not all_finite(trained + _optimizer_tensors(self.optimizer)):
+            raise TrainingDiverged(
+                f"the update at step {step} made parameters or optimizer state non-finite; {self._last_good()}. "
+                "Lower train.lr or fix the data, then start a new run dir"
+            )
+
+    def _check_captured(self) -> None:
+        """Captured steps: the checks the eager step makes at every step, made when the loop next
+        reads the model (a non-finite loss or gradient norm skipped its update on the device)."""
+        bad = self.stepper.first_bad_step()
+        if bad is not None:
+            raise TrainingDiverged(
+                f"loss or gradient norm non-finite at step {bad} (its update was skipped); {self._last_good()}. "
+                "Lower train.lr or fix the data, then start a new run dir"
+            )
+        self._check_state(self.state.step - 1)
+
     def _loop(self, bar, progress: ProgressLog | None) -> dict:
         s, model = self.state, self.model
         model.train()
         clip = float(self.cfg.max_grad_norm or 0)
         running, running_reg, n_running = 0.0, 0.0, 0
+        progress_loss, progress_n = 0.0, 0
         postfix: dict[str, str] = {}
         metrics = s.evals[-1]["metrics"] if s.evals else None
         stop_after = s.step + int(os.environ[STOP_AFTER_ENV]) if os.environ.get(STOP_AFTER_ENV) else None
+        if self.capture:
+            from triadapt.step_capture import CapturedSteps  # imports this module
+
+            self.stepper = CapturedSteps(model=model, method=self.method, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, clip=clip, autocast=self.autocast,
+                                         device=self.device, start_step=s.step)
+        stepper = self.stepper
         while s.step < self.total_steps:
             batch = self._batch(s.step)
             t0 = time.perf_counter()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                task_loss = model(**batch).loss
-                reg = self.method.extra_loss(model)
-            loss = task_loss if reg is None else task_loss + reg
-            if not torch.isfinite(loss):
-                self._diverged(f"loss is {loss.item()}")
-            loss.backward()
-            # A non-finite gradient would poison the weights: stop before the optimizer step.
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grad_norm = clip_gradients(params, clip)
-            if not torch.isfinite(grad_norm):
-                self._diverged(f"gradient norm is {grad_norm.item()}")
-            hook_s = optimizer_step(s.step, model, self.method, self.optimizer, self.scheduler)
-            # The update itself can overflow (train.lr=inf, a huge second moment): stop before
-            # such a state is evaluated, saved as the best adapter or checkpointed.
-            trained = [p for g in self.optimizer.param_groups for p in g["params"]]
-            if not all_finite(trained + _optimizer_tensors(self.optimizer)):
-                raise TrainingDiverged(
-                    f"the update at step {s.step} made parameters or optimizer state non-finite; {self._last_good()}. "
-                    "Lower train.lr or fix the data, then start a new run dir"
-                )
+            if stepper is None:
+                hook_s, task_loss, reg = self._eager_step(s.step, batch, clip)
+                running += task_loss
+                running_reg += 0.0 if reg is None else reg
+                n_running += 1
+                progress_loss, progress_n = progress_loss + task_loss, progress_n + 1
+            else:
+                hook_s = stepper.run(s.step, batch)
             dt = time.perf_counter() - t0
             s.step += 1
             s.train_s += dt
             s.hook_s += hook_s
             s.step_times.append(dt)
-            running += task_loss.item()
-            running_reg += 0.0 if reg is None else reg.item()
-            n_running += 1
             bar.update(1)
+            log_now = s.step % int(self.cfg.log_every) == 0 or s.step == self.total_steps
+            eval_now = s.step % self.eval_every == 0 or s.step % self.steps_per_epoch == 0 or s.step == self.total_steps
+            checkpoint_now = self.checkpoint_every and s.step % self.checkpoint_every == 0 and s.step < self.total_steps
+            stop_now = self._stop_signal is not None or (s.step == stop_after and s.step < self.total_steps)
+            if stepper is not None and (log_now or eval_now or checkpoint_now or stop_now):
+                stepper.settle()  # the model is read outside the graphs next
+                self._check_captured()
             if s.step == self.total_steps:
                 self.save_checkpoint(prune=False)  # the final writes below may fail; this resumes them
-            if progress is not None:
-                progress.step(s.step, task_loss.item(), self.optimizer.param_groups[0]["lr"])
-            if s.step % int(self.cfg.log_every) == 0 or s.step == self.total_steps:
-                lr = self.optimizer.param_groups[0]["lr"]
+            if progress is not None and progress.due(s.step):
+                mean = stepper.drain(1)[0] if stepper is not None else progress_loss / progress_n
+                progress.emit(s.step, mean, float(self.optimizer.param_groups[0]["lr"]))
+                progress_loss, progress_n = 0.0, 0
+            if log_now:
+                if stepper is not None:
+                    mean, reg, n_running = stepper.drain(0)
+                    running, running_reg = mean * n_running, (reg or 0.0) * n_running
+                lr = float(self.optimizer.param_groups[0]["lr"])
                 values = {"train/loss": running / n_running, "train/lr": lr, "train/epoch": s.step / self.steps_per_epoch}
                 if reg is not None:
                     values["train/reg_loss"] = running_reg / n_running
@@ -454,16 +509,18 @@ class Trainer:
                 postfix |= {"loss": f"{running / n_running:.4f}", "lr": f"{lr:.2e}"}
                 bar.set_postfix(postfix)
                 running, running_reg, n_running = 0.0, 0.0, 0
-            if s.step % self.eval_every == 0 or s.step % self.steps_per_epoch == 0 or s.step == self.total_steps:
+            if eval_now:
                 metrics = self.evaluate(final=s.step == self.total_steps)
                 postfix[self.main_metric] = _fmt(metrics[self.main_metric])
                 bar.set_postfix(postfix)
-            if self.checkpoint_every and s.step % self.checkpoint_every == 0 and s.step < self.total_steps:
+            if checkpoint_now:
                 self.save_checkpoint()
-            if self._stop_signal is not None or (s.step == stop_after and s.step < self.total_steps):
+            if stop_now:
                 path = self.save_checkpoint()
                 why = f"signal {self._stop_signal}" if self._stop_signal is not None else f"{STOP_AFTER_ENV}={os.environ[STOP_AFTER_ENV]}"
                 raise Interrupted(f"stopped by {why} at step {s.step}; resume from {path}")
+        if stepper is not None:
+            log.info("whole-step capture: %s", stepper.summary())
         if metrics is None or s.evals[-1]["step"] != s.step:
             metrics = self.evaluate(final=True)
         if self.cfg.get("save_adapter", True):
@@ -477,6 +534,7 @@ class Trainer:
             "hook_s": s.hook_s,
             "step_s_median": statistics.median(s.step_times) if s.step_times else None,
             "peak_mem_mb": peak_memory_mb(self.device),
+            "graph_captures": None if stepper is None else {"count": stepper.captures, "seconds": round(stepper.capture_s, 3)},
             "final_checkpoint": self.run_dir / CHECKPOINT_DIR / f"step-{s.step:08d}.pt",
         }
 
@@ -494,22 +552,22 @@ class ProgressLog:
         self.total, self.steps_per_epoch, self.every = total, steps_per_epoch, max(1, every)
         self.started = self.last = time.monotonic()
         self.start_step = self.last_step = start_step
-        self.loss_sum, self.n = 0.0, 0
 
-    def step(self, step: int, loss: float, lr: float) -> None:
-        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+    def due(self, step: int) -> bool:
+        return not (step % self.every and time.monotonic() - self.last < PROGRESS_EVERY_S and step < self.total)
+
+    def emit(self, step: int, mean_loss: float, lr: float) -> None:
+        """The line for ``step``; ``mean_loss``: the mean task loss since the last line."""
         now = time.monotonic()
-        if step % self.every and now - self.last < PROGRESS_EVERY_S and step < self.total:
-            return
         s_per_step = (now - self.last) / max(1, step - self.last_step)
         mean_s = (now - self.started) / max(1, step - self.start_step)
         eta = datetime.timedelta(seconds=round(mean_s * (self.total - step)))
         log.info(
             "step %d/%d (%d%%) | epoch %.2f/%.2f | loss %.4f | lr %.2e | %.2f s/step | ETA %s",
             step, self.total, 100 * step // self.total, step / self.steps_per_epoch, self.total / self.steps_per_epoch,
-            self.loss_sum / self.n, lr, s_per_step, eta,
+            mean_loss, lr, s_per_step, eta,
         )
-        self.last, self.last_step, self.loss_sum, self.n = now, step, 0.0, 0
+        self.last, self.last_step = now, step
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

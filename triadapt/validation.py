@@ -110,9 +110,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: only on a signal or a NaN)")
     if t.get("keep_checkpoints") is not None and _integer("train.keep_checkpoints", t.keep_checkpoints) < 1:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
-    for key in ("fused_optimizer", "deterministic", "save_adapter"):
+    for key in ("fused_optimizer", "deterministic", "save_adapter", "cuda_graphs"):
         if key in t:
             _flag(f"train.{key}", t[key])
+    if t.get("cuda_graphs") and t.get("fused_optimizer") is False:
+        raise ConfigError("train.cuda_graphs=true replays the fused AdamW kernel; drop train.fused_optimizer=false")
 
     _integer("budget.rank", cfg.budget.rank)
     m = cfg.method

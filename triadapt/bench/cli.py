@@ -103,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep (default): glibc malloc keeps freed memory, no per-step page faults; default: untuned")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU, as train.precision=auto")
+    p.add_argument("--capture", action="store_true",
+                   help="main section: every variant also as whole-step CUDA graphs (train.cuda_graphs), side by side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

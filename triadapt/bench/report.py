@@ -25,6 +25,13 @@ OVERHEAD_TARGETS = [
     *[(f"{m}/lora", f"{m} ≤ 1.15 × lora (final rank)", 1.15) for m in ("adalora", "increlora", "triadapt")],
     *[(f"{m}:growth/lora", f"{m} ≤ 1.3 × lora (allocation phase)", 1.3) for m in ("adalora", "increlora", "triadapt")],
 ]
+# Whole-step capture (issue #19, `--capture`): captured steps against eager ones, one run.
+CAPTURE_TARGETS = [
+    *[(f"{m}+graph/full", f"{m} captured ≤ full fine-tuning's eager step", 1.0) for m in ("lora", "adalora", "increlora", "triadapt")],
+    ("lora+graph/floor+graph", "lora captured ≤ 1.5 × the captured floor", 1.5),
+    ("triadapt+graph/lora+graph", "triadapt captured ≤ 1.1 × lora captured", 1.1),
+    *[(f"{m}+graph/{m}", f"{m} captured ≤ 0.5 × its eager step", 0.5) for m in ("full", "lora", "adalora", "increlora", "triadapt")],
+]  # fmt: skip
 GROWTH_EVENT_TARGET_MS = 50.0
 
 
@@ -74,7 +81,8 @@ def check_targets(rows: list[dict], memory: dict[str, dict], growth: dict | None
                   overhead: list[dict] | None = None) -> list[dict]:
     """The issues' targets: paired time ratios of the main and overhead sections, peak memory against
     ``full``, the growth event (CPU time; wall alongside)."""
-    out = ratio_checks(rows, TARGETS) + ratio_checks(overhead or [], OVERHEAD_TARGETS, "overhead")
+    out = ratio_checks(rows, TARGETS) + ratio_checks(rows, CAPTURE_TARGETS)
+    out += ratio_checks(overhead or [], OVERHEAD_TARGETS, "overhead")
     ref = memory.get("full", {})
     full = ref.get("peak_cuda_mb", ref.get("peak_rss_mb"))
     if full:

@@ -28,10 +28,12 @@ class Spec:
     rank: int = 8
     overrides: dict = field(default_factory=dict)
     label: str | None = None
+    capture: bool = False  # whole-step CUDA graphs (train.cuda_graphs), keyed "<variant>+graph"
 
     @property
     def key(self) -> str:
-        return self.label or (self.method if self.phase == "steady" else f"{self.method}:{self.phase}")
+        key = self.label or (self.method if self.phase == "steady" else f"{self.method}:{self.phase}")
+        return f"{key}+graph" if self.capture else key
 
 
 class Runner:
@@ -55,6 +57,8 @@ class Runner:
         self.nodes = self.tensors = None  # per step, set by a counting step (count_per_step)
         self.step_no = 0
         self.prep_steps = 0
+        self.stepper = None  # captured steps (spec.capture)
+        self.floor_graph, self.floor_warm = None, 0
         torch.manual_seed(seed)
         model = copy.deepcopy(base)
         model.train()
@@ -111,6 +115,13 @@ class Runner:
 
             method._score = timed_score
         self._position(run_steps, warmup)
+        if spec.capture:
+            from triadapt.step_capture import WARMUP_STEPS, CapturedSteps
+
+            self.stepper = CapturedSteps(model=self.model, method=method, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, clip=self.clip, autocast=autocast,
+                                         device=device, start_step=self.step_no)
+            self.prep_steps += WARMUP_STEPS + 1  # eager warm-up and the capture happen before timing
 
     # -- phases ---------------------------------------------------------------------------------------
     def _position(self, run_steps: int, warmup: int) -> None:
@@ -151,6 +162,13 @@ class Runner:
             self.floor_leaves.clear()
         c0 = time.process_time()
         t0 = time.perf_counter()
+        if self.spec.capture:
+            hook = self._captured_step()
+            sync(self.device)
+            dt = time.perf_counter() - t0
+            self.last_cpu = time.process_time() - c0
+            self.step_no += 1
+            return dt, hook
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = model(**self.batch).loss
             if method is not None:
@@ -176,6 +194,36 @@ class Runner:
         self.last_cpu = time.process_time() - c0
         self.step_no += 1
         return dt, hook + self.score_s
+
+    def _captured_step(self) -> float:
+        if self.stepper is not None:
+            return self.stepper.run(self.step_no, self.batch)
+
+        def floor() -> None:  # forward and backward to the adapted modules' outputs, as one graph
+            self.floor_leaves.clear()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+                loss = self.model(**self.batch).loss
+            loss.backward()
+
+        if self.device.type != "cuda":
+            floor()
+        elif self.floor_graph is not None:
+            self.floor_graph.replay()
+        elif self.floor_warm < 2:
+            self.floor_warm += 1
+            floor()
+        else:
+            self.floor_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.floor_graph):
+                floor()
+            self.floor_graph.replay()
+        return 0.0
+
+    def check_finite(self) -> None:
+        """Captured steps check nothing per step: whether any loss or gradient norm was not finite."""
+        bad = None if self.stepper is None else self.stepper.first_bad_step()
+        if bad is not None:
+            raise RuntimeError(f"{self.key}: non-finite loss or gradient norm at step {bad}")
 
     # -- accounting -------------------------------------------------------------------------------------
     def ranks(self) -> tuple[float | None, float | None]:
@@ -212,6 +260,7 @@ def count_per_step(runners: list[Runner]) -> None:
     """One more, untimed step per runner that counts its autograd nodes and gradient tensors."""
     for r in runners:
         r.step(count=True)
+        r.check_finite()
 
 
 def replay_increlora(m, model, optimizer, scheduler, run_steps: int) -> int:

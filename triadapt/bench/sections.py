@@ -24,7 +24,9 @@ from triadapt.bench.runner import (
 )
 
 
-def main_specs(methods: list[str], rank: int, dropout: float | None) -> list[Spec]:
+def main_specs(methods: list[str], rank: int, dropout: float | None, capture: bool = False) -> list[Spec]:
+    """Every method at its final rank, the adaptive ones also in their allocation phase; with
+    ``capture`` each variant twice, eager and as captured steps (``+graph``), side by side."""
     specs = []
     extra = {} if dropout is None else {"dropout": dropout}
     for m in methods:
@@ -33,6 +35,9 @@ def main_specs(methods: list[str], rank: int, dropout: float | None) -> list[Spe
     for m in methods:
         if m in ADAPTIVE:
             specs.append(Spec(m, "growth", rank, dict(extra)))
+    if capture:  # peft's methods are not captured (peft_adalora's hooks are host-side)
+        specs += [Spec(s.method, s.phase, s.rank, dict(s.overrides), capture=True) for s in specs
+                  if not s.method.startswith("peft_")]
     return specs
 
 
@@ -43,11 +48,11 @@ PAIRING_ORDER = ["floor", "lora", "peft_lora", "triadapt", "triadapt:growth", "i
 
 def run_main(args, model_cfg, base, device, log) -> list[dict]:
     batch = make_batch(base, args.batch_size, args.seq_len, device, args.seed)
-    specs = main_specs(args.methods, args.rank, args.dropout)
+    specs = main_specs(args.methods, args.rank, args.dropout, args.capture)
     log(f"main: {len(specs)} variants, {args.warmup} warm-up + {args.steps} timed rounds, "
         f"batch {args.batch_size} × seq {args.seq_len}, rank {args.rank}")
     runners = [Runner(s, base, model_cfg, batch, device, args.run_steps, args.warmup, args.seed, args.autocast) for s in specs]
-    rank = {k: i for i, k in enumerate(PAIRING_ORDER)}
+    rank = {k: i for i, k in enumerate(PAIRING_ORDER + [f"{k}+graph" for k in PAIRING_ORDER])}
     interleave(sorted(runners, key=lambda r: rank.get(r.key, len(rank))), args.steps, args.warmup, log)
     count_per_step(runners)
     by_key = {r.key: r for r in runners}

@@ -166,6 +166,11 @@ class AdaLoRA(Method):
         return self.settings.orth_reg_weight * orthogonal_regulariser(layer for _, layer in adapted_layers(model))
 
     # -- allocation ----------------------------------------------------------------------
+    def capture_mode(self, step: int) -> str:
+        # Final phase: the fixed pattern's masked_fill_ on the same tensors every step. Before it:
+        # importance statistics and a budget schedule with host-side decisions.
+        return "graph" if step > self.schedule.final_start and self.pattern is not None else "split"
+
     def after_step(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
         # ``step`` counts the optimizer steps done before this one, like peft's global_step.
         final_start = self.schedule.final_start

@@ -80,6 +80,21 @@ class Method:
     def after_step(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
         pass
 
+    def capture_mode(self, step: int) -> str:
+        """What this step's hooks do, for whole-step capture (``train.cuda_graphs``):
+
+        * ``graph`` — before_step/after_step do the same device work on the same tensors at every
+          step answered so (or nothing), with no host sync and no new parameters: they are
+          recorded with the step and replayed;
+        * ``split`` — they do host work (scores, allocation, growth) but forward and backward are
+          plain: forward/backward replay as a graph, the hooks and AdamW run eagerly;
+        * ``eager`` — the forward or backward does method work (hooks on activations): the whole
+          step runs eagerly.
+
+        The default is ``graph`` for a method without step hooks, else ``eager`` (always safe)."""
+        plain = type(self).before_step is Method.before_step and type(self).after_step is Method.after_step
+        return "graph" if plain else "eager"
+
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging during training (current total rank, budget b(t), …)."""
         return {}

@@ -212,6 +212,10 @@ class IncreLoRA(Method):
         return dict(zip(self.ranknum, (self.ema_ipt * self.ema_unc).tolist()))
 
     # -- growth (§3.4) -------------------------------------------------------------------
+    def capture_mode(self, step: int) -> str:
+        # Until the budget is met, forward and backward hooks score every module at every step.
+        return "graph" if self.reserve_added and self.finished else "eager"
+
     def before_step(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
         if not self.reserve_added:
             self._add_reserve(model, optimizer, scheduler)

@@ -237,10 +237,17 @@ class TriAdaptLoRA(Method):
     def _progress(self, step: int) -> float:
         return (step - self.init_warmup) / (self.ctx.total_steps - self.init_warmup)
 
-    def before_step(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
+    def _grows_at(self, step: int) -> bool:
         if self.growth == "none" or self.total_rank >= self.target_total:
-            return
-        if step <= self.init_warmup or step % self.incre_interval:
+            return False
+        return step > self.init_warmup and not step % self.incre_interval
+
+    def capture_mode(self, step: int) -> str:
+        # Between growth events the hooks do nothing; a growth event scores modules on the host.
+        return "split" if self._grows_at(step) else "graph"
+
+    def before_step(self, step: int, model: nn.Module, optimizer, scheduler) -> None:
+        if not self._grows_at(step):
             return
         progress = self._progress(step)
         m = growth_count(self.target_total - self.total_rank, progress, len(self.layers), self.growth)
