@@ -25,14 +25,17 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 status=0
 echo "== CUDA tests (tests/test_step_capture.py, tests/test_cuda.py)"
+# shellcheck disable=SC2086  # TESTS is a list of files
 timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda -n "${JOBS:-6}" -rfEs \
-    tests/test_step_capture.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" || status=1
+    ${TESTS:-tests/test_step_capture.py tests/test_cuda.py} 2>&1 | tee "$OUT/tests.log" || status=1
 
 BENCH=(--device cuda --model bert_base_shape --batch-size 32 --seq-len 128 --sections main --capture
-       --methods floor,lora,full,adalora,increlora,triadapt --steps "${STEPS:-10}" --warmup 2)
+       --steps "${STEPS:-10}" --warmup "${WARMUP:-2}")
 for precision in bf16 fp32; do
     echo "== benchmark, $precision, eager and captured"
-    timeout "${BENCH_TIMEOUT:-120}" python3 -m triadapt.bench "${BENCH[@]}" --precision "$precision" \
+    methods=${METHODS:-floor,lora,full,adalora,increlora,triadapt}
+    [ "$precision" = fp32 ] && methods=${METHODS_FP32:-$methods}
+    timeout "${BENCH_TIMEOUT:-240}" python3 -m triadapt.bench "${BENCH[@]}" --methods "$methods" --precision "$precision" \
         --out "$OUT/bench_$precision" 2>&1 | tee "$OUT/bench_$precision.log" || status=1
 done
 exit $status

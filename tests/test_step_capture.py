@@ -113,7 +113,7 @@ def _train(method: str, root, capture: bool, device: str = "cpu", extra=()) -> t
     run_py("model=tiny_bert", f"method={method}", "budget=r2", "task=glue/mrpc", f"data.dir={data_dir}",
            f"train.device={device}", "train.precision=fp32", "train.max_steps=40", "train.batch_size=8",
            "train.lr=5e-3", "train.eval_every=20", "train.log_every=2", f"train.cuda_graphs={capture}",
-           "method.dropout=0", "+model.architecture.hidden_dropout_prob=0",
+           *([] if method == "full" else ["method.dropout=0"]), "+model.architecture.hidden_dropout_prob=0",
            "+model.architecture.attention_probs_dropout_prob=0", *SCHEDULES.get(method, []), *extra,
            f"hydra.run.dir={run_dir}")  # fmt: skip
     losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", (run_dir / "run.log").read_text())]

@@ -169,6 +169,7 @@ class CapturedSteps:
         torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         self._release_grads()
+        self.scheduler.prepare_tensor_step()  # its constants are copied to the device: not inside a capture
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
