@@ -62,6 +62,25 @@ def pad_to_bucket(batch: dict, max_length: int, pad_id: int) -> dict:
     return out
 
 
+def record(body) -> torch.cuda.CUDAGraph:
+    """Capture ``body`` as a CUDA graph (nothing runs until ``replay``)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+def on_side_stream(device: torch.device, fn):
+    """``fn()`` on a side stream, ordered after and before the current stream's work: torch's
+    recipe for the warm-up iterations before a capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
 class _Graph:
     """One captured graph and everything its replay writes to: kept alive so that no later
     capture is handed memory this graph still writes to."""
@@ -166,14 +185,11 @@ class CapturedSteps:
     def _capture(self, key: tuple, body) -> _Graph | None:
         """Record ``body`` (nothing runs); None when an operation in it cannot be recorded (one
         that waits for the host, e.g. a data-dependent size): such steps then run eagerly."""
-        torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         self._release_grads()
         self.scheduler.prepare_tensor_step()  # its constants are copied to the device: not inside a capture
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                body()
+            graph = record(body)
         except Exception as e:  # noqa: BLE001 - whatever the op, the step is still run, eagerly
             self.model.zero_grad(set_to_none=True)
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -200,14 +216,8 @@ class CapturedSteps:
         warm = self.seen.get(key, 0) >= WARMUP_STEPS
         if mode == "eager" or not self.use_graphs or not warm or key in self.uncapturable:
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.use_graphs and mode != "eager":
-                # torch's recipe: warm-up iterations on a side stream before capture
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    hook_s = self._eager(step, inputs)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                return hook_s
+            if self.use_graphs and mode != "eager":  # a warm-up step before this kind's capture
+                return on_side_stream(self.device, lambda: self._eager(step, inputs))
             return self._eager(step, inputs)
         hook_s = 0.0
         if mode == "graph":

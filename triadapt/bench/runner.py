@@ -84,6 +84,7 @@ class Runner:
             for _, linear in find_target_linears(model, list(model_cfg.target_modules)):
                 linear.register_forward_hook(mark)
             self.model = model.to(device)
+            self.prep_steps = 3 if spec.capture else 0  # two warm-up steps and the capture, untimed
             return
         ctx = RunContext(
             total_steps=run_steps,
