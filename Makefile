@@ -18,7 +18,7 @@ test:  ## the full test suite (real-data tests use $(DATA) when present)
 test-fast:  ## unit tests only (skips `slow` real-data / multi-process tests)
 	TRIADAPT_TEST_DATA=$(DATA) $(PYTHON) -m pytest -q -m "not slow"
 
-test-cuda:  ## the CUDA tests alone (tests/test_cuda.py; skipped on machines without a GPU)
+test-cuda:  ## the CUDA tests alone (marker cuda: tests/test_cuda.py, tests/test_step_capture.py; skipped without a GPU)
 	$(PYTHON) -m pytest -q -m cuda
 
 sweep-cpu:  ## MiniLM CPU table: cpu_glue (45 jobs) + ablation_triadapt (21), two 1-thread jobs at once, ~3 h; re-run to resume
