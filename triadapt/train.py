@@ -465,6 +465,8 @@ class Trainer:
             self.stepper = CapturedSteps(model=model, method=self.method, optimizer=self.optimizer,
                                          scheduler=self.scheduler, clip=clip, autocast=self.autocast,
                                          device=self.device, start_step=s.step)
+            if self.device.type != "cuda":
+                log.info("train.cuda_graphs: no CUDA device, steps run uncaptured (batches still padded to length buckets)")
         stepper = self.stepper
         while s.step < self.total_steps:
             batch = self._batch(s.step)
