@@ -115,13 +115,19 @@ def test_all_average_convention(df):
     assert report.glue_table(df).loc["adalora r2 (0.32M)", "Ave. (4 tasks)"] == "83.75"
 
 
-def test_full_finetuning_row_names_no_rank_budget():
+def test_full_finetuning_row_names_no_rank_budget(tmp_path):
     """Full fine-tuning has no rank budget: its row says so instead of "full r2 (0.00M)"."""
-    df, _ = report.load_results([REPO / "results" / "cpu_glue"])  # committed result files
+    lora = json.loads((FIXTURES / "cpu_glue" / "lora-r2" / "mrpc" / "seed=1" / "result.json").read_text())
+    full = lora | {"method": "full", "budget": {"target_rank": None, "adapter_params": 0, "ranks": {}}}
+    full["config"] = lora.get("config", {}) | {"method": {"name": "full"}}
+    for name, result in (("lora", lora), ("full", full)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    df, _ = report.load_results([tmp_path])
     table = report.glue_table(df)
     assert "full (all weights)" in table.index
     assert not any(label.startswith("full r") for label in table.index)
-    assert any(label.startswith("lora r2 (0.08M)") for label in table.index)
+    assert any(label.startswith("lora r2 (0.33M)") for label in table.index)
 
 
 def test_median_option(df):
