@@ -17,6 +17,7 @@ from torch import nn
 
 import triadapt  # noqa: F401  (registers the resolvers the configs use)
 from conftest import CONF
+from toy_models import QueryValue
 from triadapt.experiment import PROTOCOL_SHARED, inject_with_head, protocol_of
 from triadapt.methods.base import RunContext, build_method
 from triadapt.methods.core import adapted_layers, orthogonal_regulariser
@@ -180,11 +181,9 @@ def test_precision_switch_on_cpu():
 D = 32
 
 
-class _Net(nn.Module):
+class _Net(QueryValue):
     def __init__(self) -> None:
-        super().__init__()
-        self.query = nn.Linear(D, D)
-        self.value = nn.Linear(D, D)
+        super().__init__(D)
 
     def forward(self, x):
         return self.value(torch.tanh(self.query(x)))

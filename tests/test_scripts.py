@@ -20,10 +20,14 @@ def script(name: str):
     return module
 
 
-def offline_env(tmp_path) -> dict:
-    # An empty HF cache: nothing can come from an earlier download.
-    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-                         "PYTHONPATH": str(REPO)}  # fmt: skip
+def run_offline(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``scripts/<script>`` with the hub offline and an empty HF cache (nothing can come from an
+    earlier download)."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                        "PYTHONPATH": str(REPO)}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 GLUE_ROWS = {
@@ -83,14 +87,7 @@ def test_prepare_data_writes_what_the_harness_reads(tmp_path):
 
 
 def test_prepare_data_offline_is_one_line(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "scripts/prepare_data.py", str(tmp_path / "out"), "--tasks", "mrpc"],
-        cwd=REPO,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_offline(tmp_path, "prepare_data.py", str(tmp_path / "out"), "--tasks", "mrpc")
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot download nyu-mll/glue/mrpc from the hub"), done.stderr[-2000:]
@@ -117,14 +114,7 @@ def test_prefetch_models_finds_the_sweeps_hub_models():
 
 
 def test_prefetch_models_offline_is_one_line(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "scripts/prefetch_models.py", "model=bert_base_uncased"],
-        cwd=REPO,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_offline(tmp_path, "prefetch_models.py", "model=bert_base_uncased")
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot fetch google-bert/bert-base-uncased"), done.stderr[-2000:]

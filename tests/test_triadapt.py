@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from toy_models import QueryValue
 
 from triadapt.errors import ConfigError
 from triadapt.methods.base import RunContext, build_method
@@ -25,11 +26,9 @@ N_BLOCKS = 4  # 8 adapted matrices (query, value per block)
 STEPS = 60
 
 
-class Block(nn.Module):
+class Block(QueryValue):
     def __init__(self) -> None:
-        super().__init__()
-        self.query = nn.Linear(D, D)
-        self.value = nn.Linear(D, D)
+        super().__init__(D)
 
     def forward(self, x):
         return x + torch.tanh(self.value(self.query(x)))

@@ -57,8 +57,13 @@ def difference_ci(a, b, paired: bool, level: float = LEVEL) -> tuple[float, floa
     else:
         va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
         diff, se = float(a.mean() - b.mean()), float(math.sqrt(va + vb))
-        dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.inf
+        dof = _welch_dof(va, vb, len(a), len(b))
     return _interval(diff, se, dof, level)
+
+
+def _welch_dof(va: float, vb: float, na: int, nb: int) -> float:
+    """Welch–Satterthwaite degrees of freedom of two samples' squared standard errors ``va``, ``vb``."""
+    return (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1)) if va + vb > 0 else math.inf
 
 
 def _interval(diff: float, se: float, dof: float, level: float) -> tuple[float, float, float, float, float]:
@@ -101,7 +106,7 @@ def stability(runs: pd.DataFrame, collapse: float = COLLAPSE) -> pd.DataFrame:
     for (row, task), cell in runs.groupby(["row", "task"], sort=False):
         scores = cell["score"].to_numpy(float)
         best = scores.max()
-        collapsed = int((scores < collapse * best).sum()) if best > 0 else math.nan
+        collapsed = _collapsed(scores, collapse)
         records.append({
             "row": row, "task": task, "n": len(scores), "mean": scores.mean(),
             "std": scores.std(ddof=1) if len(scores) > 1 else math.nan, "range": best - scores.min(),
@@ -109,6 +114,12 @@ def stability(runs: pd.DataFrame, collapse: float = COLLAPSE) -> pd.DataFrame:
         })  # fmt: skip
     return pd.DataFrame(records, columns=["row", "task", "n", "mean", "std", "range", "best", "collapsed",
                                           "collapsed_rate"])  # fmt: skip
+
+
+def _collapsed(scores: np.ndarray, collapse: float) -> float:
+    """Seeds below ``collapse`` × the best one; NaN when the best is not above 0."""
+    best = scores.max()
+    return int((scores < collapse * best).sum()) if best > 0 else math.nan
 
 
 def stability_table(df: pd.DataFrame, which: report.Which = "best", collapse: float = COLLAPSE) -> pd.DataFrame:
@@ -212,7 +223,7 @@ def compare(
     pooled = _pooled_test(common, scores, min_seeds, level)
     stab = _stability_comparison(common, scores, collapse, min_seeds)
     both = pd.concat([runs_a, runs_b])
-    settings = [line for line in report.settings_differences(both[both["task"].isin(common)])]
+    settings = report.settings_differences(both[both["task"].isin(common)])
     return Comparison(a, b, which, min_seeds, collapse, level, differences, pooled, stab["per_task"],
                       stab["overall"], settings, only)  # fmt: skip
 
@@ -232,13 +243,6 @@ def _task_difference(task: str, a: dict, b: dict, min_seeds: int, level: float) 
     return {"task": task, "column": report.PLOT_TITLES.get(task, task), "mean_a": xa.mean(), "mean_b": xb.mean(),
             "diff": diff, "low": low, "high": high, "p": p, "n_a": len(xa), "n_b": len(xb), "paired": paired,
             "pairing": pairing, "verdict": verdict(low, high, enough)}  # fmt: skip
-
-
-def _welch_dof(xa, xb) -> float:
-    if min(len(xa), len(xb)) < 2:
-        return math.nan
-    va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
-    return (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1)) if va + vb > 0 else math.inf
 
 
 def _average_difference(glue: list[dict], scores: dict, min_seeds: int, level: float) -> dict:
@@ -275,8 +279,9 @@ def _average_difference(glue: list[dict], scores: dict, min_seeds: int, level: f
                 variances.append(d.var(ddof=1) / len(d))
                 dofs.append(len(d) - 1)
             else:
-                variances.append(xa.var(ddof=1) / len(xa) + xb.var(ddof=1) / len(xb))
-                dofs.append(_welch_dof(xa, xb))
+                va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
+                variances.append(va + vb)
+                dofs.append(_welch_dof(va, vb, len(xa), len(xb)))
         diff = mean_a - mean_b
         if variances is None:
             low = high = p = math.nan
@@ -314,8 +319,7 @@ def _stability_comparison(common: list[str], scores: dict, collapse: float, min_
         xa, xb = np.array(list(scores["A"][task].values())), np.array(list(scores["B"][task].values()))
         record = {"task": task, "column": report.PLOT_TITLES.get(task, task), "n_a": len(xa), "n_b": len(xb)}
         for side, x in (("a", xa), ("b", xb)):
-            best = x.max()
-            k = int((x < collapse * best).sum()) if best > 0 else math.nan
+            k = _collapsed(x, collapse)
             record.update({f"std_{side}": x.std(ddof=1) if len(x) > 1 else math.nan,
                            f"range_{side}": x.max() - x.min(), f"collapsed_{side}": k})  # fmt: skip
             if not math.isnan(k):

@@ -469,6 +469,11 @@ def _record_failure(cfg: DictConfig, run_dir: Path, e: BaseException) -> None:
         atomic_write_json(run_dir / RESULT_FILE, _essentials(cfg, run_dir) | {"status": "failed", "error": error})
 
 
+def _single_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (its non-blank lines joined)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
 def main(cfg: DictConfig) -> float | None:
     """Entry point for run.py: run dir named at start and end, one-line errors (the traceback of an
     unexpected one goes to the run dir's ``error.log``), the command that resumes an interrupted
@@ -486,7 +491,7 @@ def main(cfg: DictConfig) -> float | None:
         log.info("run dir: %s (%s)", shown, _status_of(run_dir))
         return value
     except (TriadaptError, KeyboardInterrupt) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "stopped"
+        message = _single_line(e) or "stopped"
         stopped = isinstance(e, (Interrupted, KeyboardInterrupt))  # a stop asked for, not an error: resumable
         print(f"{'interrupted' if stopped else 'error'}: {message}", file=sys.stderr, flush=True)
         if cfg.get("debug"):
@@ -506,7 +511,7 @@ def main(cfg: DictConfig) -> float | None:
         if run_dir.is_dir():
             (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
             where = f" (traceback in {_display_path(run_dir / 'error.log')}; debug=true prints it)"
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = _single_line(e)
         print(f"error: {type(e).__name__}: {message}{where}", file=sys.stderr, flush=True)
         print(f"resume: {resume_command(shown)}", file=sys.stderr, flush=True)
         if _is_multirun():

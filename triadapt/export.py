@@ -357,10 +357,10 @@ def export_peft(run: Run, out: str | Path) -> Path:
     prefix = "base_model.model."
     for pname, module in peft_model.named_modules():
         if isinstance(module, BaseTunerLayer) and pname.startswith(prefix):
-            for key, value in _adapter_tensors(ours[pname.removeprefix(prefix)]).items():
+            mine = ours[pname.removeprefix(prefix)]
+            for key, value in _adapter_tensors(mine).items():
                 target = getattr(module, key)["default"]
                 (target.weight if isinstance(target, nn.Linear) else target).copy_(value)
-            mine = ours[pname.removeprefix(prefix)]
             scale = float(mine.scale) if isinstance(mine, AdaptedLinear) else _peft_scale(mine)
             if abs(scale - _peft_scale(module)) > 1e-6 * abs(scale):
                 raise ConfigError(f"{pname}: scale {scale} has no peft equivalent ({_peft_scale(module)})")

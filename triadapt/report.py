@@ -478,18 +478,19 @@ def settings_differences(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _partition(by_row: tuple) -> tuple:
+def _rows_by_value(by_row: tuple) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for row, value in by_row:
         groups.setdefault(value, []).append(row)
-    return tuple(sorted(tuple(rows) for rows in groups.values()))
+    return groups
+
+
+def _partition(by_row: tuple) -> tuple:
+    return tuple(sorted(tuple(rows) for rows in _rows_by_value(by_row).values()))
 
 
 def _describe_split(by_row: tuple) -> str:
-    groups: dict[str, list[str]] = {}
-    for row, value in by_row:
-        groups.setdefault(value, []).append(row)
-    return "; ".join(f"{value} ({', '.join(rows)})" for value, rows in groups.items())
+    return "; ".join(f"{value} ({', '.join(rows)})" for value, rows in _rows_by_value(by_row).items())
 
 
 # ----------------------------------------------------------------------------------------- summaries
@@ -983,25 +984,16 @@ def main(argv: list[str] | None = None) -> int:
         "squad": ("SQuAD", squad_summary(df, args.which, args.agg, args.reference)),
     }
     summaries = {name: (title, summary) for name, (title, summary) in summaries.items() if not summary.empty}
+    written = []
     for name, (title, summary) in summaries.items():
-        table = format_table(summary)
-        print(f"## {title} ({args.which} checkpoint)\n\n{to_markdown(table)}")
-        render = {"md": lambda: to_markdown(table), "tex": lambda: to_latex(table),
-                  "csv": lambda: summary.to_csv(index=False)}  # fmt: skip
-        for fmt in args.format:
-            _write_text(out / f"table_{name}.{fmt}", render[fmt]())
-    written = [f"table_{name}.{fmt}" for name in summaries for fmt in args.format]
+        written += _emit_table(out, name, f"{title} ({args.which} checkpoint)", format_table(summary), summary,
+                               args.format)  # fmt: skip
     if summaries:
         from triadapt import claims
 
         table = claims.stability_table(df, args.which, args.collapse)
         tidy = claims.stability(included_runs(df, args.which), args.collapse)
-        print(f"## Stability ({args.which} checkpoint)\n\n{to_markdown(table)}")
-        render = {"md": lambda: to_markdown(table), "tex": lambda: to_latex(table),
-                  "csv": lambda: tidy.to_csv(index=False)}  # fmt: skip
-        for fmt in args.format:
-            _write_text(out / f"table_stability.{fmt}", render[fmt]())
-        written += [f"table_stability.{fmt}" for fmt in args.format]
+        written += _emit_table(out, "stability", f"Stability ({args.which} checkpoint)", table, tidy, args.format)
     if len(_included(df, args.which)):
         fig = plot_metric_vs_params(df, args.which, args.agg)
         _atomic_write(out / "metric_vs_params.png", lambda fh: fig.savefig(fh, format="png", dpi=120))
@@ -1011,6 +1003,18 @@ def main(argv: list[str] | None = None) -> int:
     if written:
         print(f"\nwrote {', '.join(written)} to {out}")
     return 0
+
+
+def _emit_table(out: Path, name: str, title: str, table: pd.DataFrame, tidy: pd.DataFrame,
+                formats: list[str]) -> list[str]:
+    """Print ``table`` under ``## title`` and write it as ``table_<name>.<fmt>`` (csv: the tidy frame);
+    returns the names of the files written."""
+    print(f"## {title}\n\n{to_markdown(table)}")
+    render = {"md": lambda: to_markdown(table), "tex": lambda: to_latex(table),
+              "csv": lambda: tidy.to_csv(index=False)}  # fmt: skip
+    for fmt in formats:
+        _write_text(out / f"table_{name}.{fmt}", render[fmt]())
+    return [f"table_{name}.{fmt}" for fmt in formats]
 
 
 def _pair(value: str) -> tuple[str, str]:

@@ -127,8 +127,11 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()) for ts in groups.values())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+def _trained_state_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the parameters ``optimizer`` updates and its state (the Adam moments) are all finite."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return all_finite(params + state)
 
 
 def _nbytes(obj) -> int:
@@ -266,8 +269,7 @@ class Trainer:
         """Write the state after ``state.step`` steps; never a non-finite one. ``prune=False``
         keeps the older checkpoints (the end-of-run checkpoint is not one of the kept ones)."""
         keys = self._checkpoint_keys()
-        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if not all_finite(trained + _optimizer_tensors(self.optimizer)):
+        if not _trained_state_finite(self.optimizer):
             raise TrainingDiverged(
                 f"refusing to checkpoint non-finite parameters or optimizer state at step {self.state.step}; "
                 f"{self._last_good()}"
@@ -362,10 +364,9 @@ class Trainer:
             save_file(tensors, str(tmp))
         # Beside it, what else training changed (the task head; IncreLoRA's reserve) and each adapted
         # layer's scale: with the adapter, enough to rebuild the trained model (python -m triadapt.export).
+        keys = self._checkpoint_keys()
         rest = {
-            k: p.detach().contiguous().cpu()
-            for k, p in self.model.named_parameters()
-            if k not in adapter and (p.requires_grad or ".lora_" in k or ".core." in k)
+            k: p.detach().contiguous().cpu() for k, p in self.model.named_parameters() if k in keys and k not in adapter
         }
         scales = {n: float(layer.scale) for n, layer in adapted_layers(self.model)}
         with atomic_path(self.run_dir / name.replace("adapter", "head"), need_bytes=_nbytes(rest)) as tmp:
@@ -432,8 +433,7 @@ class Trainer:
     def _check_state(self, step: int) -> None:
         # The update itself can overflow (train.lr=inf, a huge second moment): stop before such a
         # state is evaluated, saved as the best adapter or checkpointed.
-        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if not all_finite(trained + _optimizer_tensors(self.optimizer)):
+        if not _trained_state_finite(self.optimizer):
             raise TrainingDiverged(
                 f"the update at step {step} made parameters or optimizer state non-finite; {self._last_good()}. "
                 "Lower train.lr or fix the data, then start a new run dir"

@@ -10,16 +10,18 @@ from __future__ import annotations
 import torch
 
 
+def _apply_core(h: torch.Tensor, core: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """u = core(h) for rows h (N×r)."""
+    if kind == "identity":
+        return h
+    return h * core if kind == "diagonal" else torch.mm(h, core.t())
+
+
 def _lowrank_forward(x, xd, weight, bias, a, b, core, kind, scale):
     """out = x Wᵀ + b + scale · core(x_d Aᵀ) Bᵀ on 2-D x; returns (out, h, u) with h = x_d Aᵀ, u = core(h)."""
     out = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     h = torch.mm(x if xd is None else xd, a.t())
-    if kind == "identity":
-        u = h
-    elif kind == "diagonal":
-        u = h * core
-    else:
-        u = torch.mm(h, core.t())
+    u = _apply_core(h, core, kind)
     out.addmm_(u, b.t(), alpha=scale)  # the scale rides on BLAS' alpha: no N×d_out temporary
     return out, h, u
 
@@ -70,13 +72,6 @@ class _LowRankLinear(torch.autograd.Function):
         gw = torch.mm(g.t(), x) if need_w else None
         gbias = g.sum(0) if need_bias else None
         return gx, gxd, gw, gbias, ga, gb, gcore, None, None
-
-
-def _apply_core(h: torch.Tensor, core: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """u = core(h) for rows h (N×r)."""
-    if kind == "identity":
-        return h
-    return h * core if kind == "diagonal" else torch.mm(h, core.t())
 
 
 def _folded_weight(weight, a, b, core, kind, scale) -> torch.Tensor:
