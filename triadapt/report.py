@@ -241,7 +241,7 @@ def _seed(value: object, problems: list[str]) -> float:
 # not change what is measured, so runs that differ only in them share a row (and are duplicates when
 # the seed is the same too).
 PER_RUN_KEYS = ("seed", "paths", "run_dir", "logger", "resume", "debug", "data.dir", "experiment_name",
-                "train.device", "train.eval_batch_size", "train.fused_optimizer", "train.log_every",
+                "train.device", "train.eval_batch_size", "train.fused_optimizer", "train.cuda_graphs", "train.log_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.save_adapter", "hydra")  # fmt: skip
 
 
