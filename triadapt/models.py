@@ -248,7 +248,10 @@ def load_model(
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing=true but {type(model).__name__} does not support it")
         # non-reentrant: works with a frozen embedding (no input that requires grad)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers before the rename (5.17 on the GPU machine)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
