@@ -156,15 +156,19 @@ class CapturedSteps:
         """The step uncaptured; returns the seconds spent in the method's hooks."""
         self._release_grads()
         self._forward_backward(inputs)
+        hook_s = self._hooks_and_update(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return hook_s
+
+    def _hooks_and_update(self, step: int) -> float:
+        """The method's hooks around an eager AdamW step; returns the seconds spent in the hooks."""
         t0 = time.perf_counter()
         self.method.before_step(step, self.model, self.optimizer, self.scheduler)
         hook_s = time.perf_counter() - t0
         self._update(step, captured=False)
         t0 = time.perf_counter()
         self.method.after_step(step, self.model, self.optimizer, self.scheduler)
-        hook_s += time.perf_counter() - t0
-        self.optimizer.zero_grad(set_to_none=True)
-        return hook_s
+        return hook_s + time.perf_counter() - t0
 
     def _release_grads(self) -> None:
         """Before eager work: gradients must not point into a graph's memory (an eager backward
@@ -240,13 +244,7 @@ class CapturedSteps:
             graph.graph.replay()
             for p, g in zip(self._params(), graph.grads):
                 p.grad = g
-            t0 = time.perf_counter()
-            self.method.before_step(step, self.model, self.optimizer, self.scheduler)
-            hook_s = time.perf_counter() - t0
-            self._update(step, captured=False)
-            t0 = time.perf_counter()
-            self.method.after_step(step, self.model, self.optimizer, self.scheduler)
-            hook_s += time.perf_counter() - t0
+            hook_s = self._hooks_and_update(step)
             self.model.zero_grad(set_to_none=True)
             self.grads_bound = False
         return hook_s
