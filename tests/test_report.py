@@ -527,3 +527,21 @@ def test_plot_never_joins_backbones(tmp_path):
     xs = sorted(sorted(c.lines[0].get_xdata()) for c in ax.containers)  # one errorbar container per line
     assert xs == [[0.001, 0.004], [0.004, 0.016]]  # each line holds one backbone's budgets
     assert "bert: lora r2 (0.00M)" in report.glue_table(df).index
+
+
+def test_plot_draws_full_finetuning_as_a_level(tmp_path):
+    """Full fine-tuning has no adapter: a dashed level at its mean with a ±std band, never a point at x = 0."""
+    for seed, acc in ((1, 0.70), (2, 0.80)):
+        put(tmp_path, f"lora{seed}", run_result(seed=seed, accuracy=0.9))
+        full = run_result(method="full", seed=seed, accuracy=acc, budget=None)
+        full["budget"] = {"adapter_params": 0, "target_rank": None}
+        put(tmp_path, f"full{seed}", full)
+    df, _ = report.load_results(tmp_path)
+    ax = report.plot_metric_vs_params(df).axes[0]
+    assert sorted(ax.get_legend_handles_labels()[1]) == ["full (all weights)", "lora"]
+    assert [list(c.lines[0].get_xdata()) for c in ax.containers] == [[0.001]]  # only LoRA is a point
+    level = [line for line in ax.lines if line.get_label() == "full (all weights)"]
+    assert len(level) == 1 and list(level[0].get_ydata()) == pytest.approx([75.0, 75.0])
+    band = ax.patches[-1]  # y in data coordinates (a Rectangle from matplotlib 3.9, a Polygon before)
+    ys = band.get_patch_transform().transform(band.get_path().vertices)[:, 1]
+    assert (ys.min(), ys.max()) == pytest.approx((75.0 - 7.0711, 75.0 + 7.0711), abs=1e-3)

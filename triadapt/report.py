@@ -791,7 +791,8 @@ def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "m
     """One subplot per task: the task score (:func:`task_scores`) against adapter parameters,
     one line per model × method (× settings variant), one point per budget (error bars: sample std
     over seeds for ``mean``). Points of different backbones are never joined: each model has its own
-    lines, labelled ``model: method`` when there are several."""
+    lines, labelled ``model: method`` when there are several. Full fine-tuning (no rank budget, no
+    adapter) is a dashed level with a ±std band, not a point at 0 adapter parameters."""
     runs = _included(df, which)
     tasks = [t for t in GLUE_TASKS if t in set(runs["task"])] + sorted(set(runs["task"]) - set(GLUE_TASKS))
     ncols = max(1, min(4, len(tasks)))
@@ -805,13 +806,21 @@ def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "m
     styles = {name: (f"C{i % 10}", "osD^vP*X"[i % 8]) for i, name in enumerate(names)}
     for ax, task in zip(axes, tasks):
         for key, by_line in runs[runs["task"] == task].groupby(lines, dropna=False):
+            name = _line_name(key, several_models)
+            color, marker = styles[name]
+            if by_line["target_rank"].isna().all() and (by_line["adapter_params"] == 0).all():
+                # Full fine-tuning trains every weight, not "0 adapter parameters": a reference
+                # level (± its spread) across the axis rather than a point at x = 0.
+                value, std, _ = _aggregate(by_line["score"], agg)
+                ax.axhline(value, color=color, linestyle="--", label=f"{name} (all weights)")
+                if not np.isnan(std):
+                    ax.axhspan(value - std, value + std, color=color, alpha=0.12, linewidth=0)
+                continue
             points = []
             for _, budget_runs in by_line.groupby("budget_name", dropna=False):
                 value, std, _ = _aggregate(budget_runs["score"], agg)
                 points.append((budget_runs["adapter_params"].median() / 1e6, value, std))
             x, y, err = map(np.array, zip(*sorted(points)))
-            name = _line_name(key, several_models)
-            color, marker = styles[name]
             yerr = None if np.isnan(err).all() else err
             ax.errorbar(x, y, yerr=yerr, color=color, marker=marker, capsize=3, label=name)
         ax.set_title(PLOT_TITLES.get(task, task))
