@@ -423,9 +423,7 @@ def _with_rows(runs: pd.DataFrame) -> pd.DataFrame:
     for _, group in runs.groupby(["model", "method", "budget_name", "variant"], dropna=False, sort=False):
         first = group.iloc[0]
         params = group["adapter_params"].median()  # adapter counts can differ slightly between runs
-        # No rank target and no adapter (full fine-tuning): the row names no budget.
-        ranked = not (pd.isna(first["target_rank"]) and params == 0)
-        label = _row_label(first["method"], first["budget_name"], params, ranked)
+        label = _row_label(first["method"], first["budget_name"], params, not _all_weights(group))
         runs.loc[group.index, "row"] = label + (f" [{first['variant']}]" if first["variant"] else "")
     models = runs["model"].map(_model_name)
     if models.nunique() > 1:  # name the model only when several are present
@@ -655,6 +653,11 @@ def _record(group: pd.DataFrame, column, task, metric, value, std, n) -> dict:
     }
 
 
+def _all_weights(runs: pd.DataFrame) -> bool:
+    """No rank target and no adapter: full fine-tuning (its row names no budget, its plot is a level)."""
+    return bool(runs["target_rank"].isna().all() and runs["adapter_params"].median() == 0)
+
+
 def _row_label(method, budget, params, ranked: bool = True) -> str:
     if not ranked:  # no rank budget (full fine-tuning): "r2 (0.00M)" would misdescribe it
         return f"{method} (all weights)"
@@ -808,7 +811,7 @@ def plot_metric_vs_params(df: pd.DataFrame, which: Which = "best", agg: Agg = "m
         for key, by_line in runs[runs["task"] == task].groupby(lines, dropna=False):
             name = _line_name(key, several_models)
             color, marker = styles[name]
-            if by_line["target_rank"].isna().all() and (by_line["adapter_params"] == 0).all():
+            if _all_weights(by_line):
                 # Full fine-tuning trains every weight, not "0 adapter parameters": a reference
                 # level (± its spread) across the axis rather than a point at x = 0.
                 value, std, _ = _aggregate(by_line["score"], agg)
